@@ -1,0 +1,1 @@
+"""Runnable recipes of torch_hf (also importable)."""

@@ -1,0 +1,228 @@
+"""GGN and Hessian operators: exactness against dense references, activation caching, bad closures."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_hf
+from torch_hf import ClosureError, NonFiniteLossError
+from _cases import ALL_CASES, make_case
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_ggn_matches_dense_reference(name):
+    case = make_case(name)
+    ggn = torch_hf.GGN(case.params, case.closure)
+    assert rel(ggn.dense(), case.dense_ggn()) <= 1e-8
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_hessian_matches_dense_reference(name):
+    case = make_case(name)
+    hess = torch_hf.Hessian(case.params, case.closure)
+    assert rel(hess.dense(), case.dense_hessian()) <= 1e-8
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_ggn_factors_match_dense_jacobian_and_loss_hessian(name):
+    case = make_case(name)
+    ggn = torch_hf.GGN(case.params, case.closure)
+    jac, lh = case.dense_jacobian(), case.dense_loss_hessian()
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(ggn.numel, generator=gen, dtype=torch.float64)
+    u = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in ggn.outputs]
+    u_flat = torch.cat([t.reshape(-1) for t in u])
+    assert rel(torch.cat([t.reshape(-1) for t in ggn.jvp(v)]), jac @ v) <= 1e-10
+    assert rel(ggn.vjp(u), jac.T @ u_flat) <= 1e-10
+    assert rel(torch.cat([t.reshape(-1) for t in ggn.loss_hvp(u)]), lh @ u_flat) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_gradient_and_loss_are_those_of_the_closure(name):
+    case = make_case(name)
+    loss, _ = case.closure()
+    expected = torch.autograd.grad(loss, case.params)
+    for op in (torch_hf.GGN(case.params, case.closure), torch_hf.Hessian(case.params, case.closure)):
+        assert torch.allclose(op.grad, torch.cat([g.reshape(-1) for g in expected]), rtol=1e-12, atol=1e-14)
+        assert float(op.loss) == pytest.approx(float(loss.detach()), rel=1e-14)
+
+
+def _count_forwards(model):
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+    return calls, handles
+
+
+@pytest.mark.parametrize("name", ["mlp_sigmoid_bce", "rnn_tuple_mse", "conv_ce"])
+def test_products_reuse_cached_activations_without_forward_passes(name):
+    case = make_case(name)
+    calls, handles = _count_forwards(case.model)
+    ggn = torch_hf.GGN(case.params, case.closure)
+    hess = torch_hf.Hessian(case.params, case.closure)
+    after_build = calls["n"]
+    assert after_build > 0
+    v = torch.randn(ggn.numel, dtype=torch.float64)
+    for _ in range(5):
+        ggn.mv(v)
+        ggn.jvp(v)
+        ggn.vjp(ggn.outputs)
+        hess.mv(v)
+    assert calls["n"] == after_build  # not one forward pass during 20 products
+    for h in handles:
+        h.remove()
+
+
+def test_closure_is_evaluated_exactly_once_per_operator():
+    case = make_case("mlp_tanh_mse")
+    count = {"n": 0}
+
+    def closure():
+        count["n"] += 1
+        return case.closure()
+
+    ggn = torch_hf.GGN(case.params, closure)
+    ggn.mv(torch.ones(ggn.numel, dtype=torch.float64))
+    assert count["n"] == 1
+
+
+def test_ggn_is_symmetric_positive_semidefinite():
+    case = make_case("mlp_sigmoid_bce")
+    g = torch_hf.GGN(case.params, case.closure).dense()
+    assert torch.allclose(g, g.T, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(g).min()) >= -1e-12
+
+
+def test_hessian_accepts_closure_returning_only_the_loss():
+    case = make_case("mlp_tanh_mse")
+    hess = torch_hf.Hessian(case.params, lambda: case.closure()[0])
+    assert rel(hess.dense(), case.dense_hessian()) <= 1e-8
+
+
+def test_declared_loss_hvp_is_used():
+    case = make_case("mlp_tanh_mse")  # mean squared error over 5x2 outputs: L'' = (2/10) I
+    ggn = torch_hf.GGN(case.params, case.closure, loss_hvp=lambda u: u * 0.2)
+    assert ggn.matching_loss is None
+    assert rel(ggn.dense(), case.dense_ggn()) <= 1e-12
+
+
+def test_parameters_without_requires_grad_are_skipped():
+    case = make_case("mlp_tanh_mse")
+    case.model[0].bias.requires_grad_(False)
+    ggn = torch_hf.GGN(case.model.parameters(), case.closure)
+    assert ggn.numel == sum(p.numel() for p in case.model.parameters() if p.requires_grad)
+
+
+def test_unused_parameter_gets_zero_rows():
+    case = make_case("mlp_tanh_mse")
+    extra = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    ggn = torch_hf.GGN(case.params + [extra], case.closure)
+    g = ggn.dense()
+    assert torch.all(g[-3:] == 0) and torch.all(g[:, -3:] == 0)
+    assert torch.all(ggn.grad[-3:] == 0)
+
+
+# -- bad closures ---------------------------------------------------------------
+
+@pytest.fixture
+def mlp():
+    return make_case("mlp_tanh_mse")
+
+
+def test_closure_returning_wrong_type_raises(mlp):
+    with pytest.raises(ClosureError, match="must return"):
+        torch_hf.GGN(mlp.params, lambda: "loss")
+    with pytest.raises(ClosureError, match="must return"):
+        torch_hf.GGN(mlp.params, lambda: (1, 2, 3))
+    with pytest.raises(ClosureError, match="must be a tensor"):
+        torch_hf.GGN(mlp.params, lambda: (1.0, mlp.model(mlp.x)))
+
+
+def test_non_scalar_loss_raises(mlp):
+    with pytest.raises(ClosureError, match="scalar"):
+        torch_hf.GGN(mlp.params, lambda: (mlp.model(mlp.x) ** 2, mlp.model(mlp.x)))
+
+
+def test_outputs_not_depending_on_parameters_raise(mlp):
+    def closure():
+        z = mlp.model(mlp.x)
+        return F.mse_loss(z, torch.zeros_like(z)), mlp.x.clone()
+
+    with pytest.raises(ClosureError, match="does not depend on the parameters|other than through"):
+        torch_hf.GGN(mlp.params, closure)
+
+
+def test_non_finite_loss_raises(mlp):
+    def closure():
+        z = mlp.model(mlp.x)
+        return F.mse_loss(z, z.detach()) * float("nan"), z
+
+    with pytest.raises(NonFiniteLossError):
+        torch_hf.GGN(mlp.params, closure)
+    with pytest.raises(NonFiniteLossError):
+        torch_hf.Hessian(mlp.params, closure)
+
+
+def test_output_computed_from_another_output_raises(mlp):
+    def closure():
+        z = mlp.model(mlp.x)
+        s = torch.softmax(z, dim=1)
+        return (z ** 2).sum() + (s ** 2).sum(), (z, s)
+
+    with pytest.raises(ClosureError, match="used to compute another output"):
+        torch_hf.GGN(mlp.params, closure)
+
+
+def test_same_output_twice_raises(mlp):
+    def closure():
+        z = mlp.model(mlp.x)
+        return (z ** 2).sum(), (z, z)
+
+    with pytest.raises(ClosureError, match="same tensor"):
+        torch_hf.GGN(mlp.params, closure)
+
+
+def test_independent_outputs_from_one_split_are_accepted(mlp):
+    def closure():
+        a, b = mlp.model(mlp.x).split(1, dim=1)
+        return (a ** 2).sum() + (b ** 3).sum(), (a, b)
+
+    torch_hf.GGN(mlp.params, closure)  # no error: split parts are distinct coordinates
+
+
+def test_loss_with_parameter_penalty_raises(mlp):
+    def closure():
+        z = mlp.model(mlp.x)
+        return F.mse_loss(z, torch.zeros_like(z)) + sum((p ** 2).sum() for p in mlp.params), z
+
+    with pytest.raises(ClosureError, match="weight_decay"):
+        torch_hf.GGN(mlp.params, closure)
+
+
+def test_ggn_needs_outputs(mlp):
+    with pytest.raises(ClosureError, match="outputs"):
+        torch_hf.GGN(mlp.params, lambda: mlp.closure()[0])
+
+
+def test_wrong_vector_shape_raises(mlp):
+    ggn = torch_hf.GGN(mlp.params, mlp.closure)
+    with pytest.raises(ValueError, match="flat vector"):
+        ggn.mv(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="outputs' shapes"):
+        ggn.vjp(torch.ones(3, dtype=torch.float64))
+
+
+def test_bad_params_raise(mlp):
+    with pytest.raises(TypeError):
+        torch_hf.GGN(mlp.params[0], mlp.closure)
+    with pytest.raises(ValueError, match="requires grad"):
+        torch_hf.GGN([torch.zeros(3)], mlp.closure)

@@ -1,0 +1,338 @@
+"""Curvature-matrix-vector products with cached activations (§5, §6, §7.1).
+
+Two linear operators on flat parameter vectors (the layout of
+:func:`torch.nn.utils.parameters_to_vector`):
+
+* :class:`GGN` — the generalized Gauss-Newton matrix G = Jᵀ L'' J of §6, where J is
+  the Jacobian of the closure's ``outputs`` w.r.t. the parameters and L'' the
+  Hessian of the loss w.r.t. those outputs.
+* :class:`Hessian` — the exact Hessian H = ∇²f of §5.
+
+Both evaluate the closure **once** at construction and keep its autograd graph
+(the activations, §7.1 "activation caching"); every product afterwards is a
+backward pass through that cached graph, never a new forward pass.
+
+How the GGN products work (no module or functional form of the model needed):
+with ``u`` a dummy cotangent that requires grad, ``g(u) = Jᵀ u`` is built once by
+a backward pass with ``create_graph=True``. Evaluated at ``u = ∂L/∂z`` it *is* the
+gradient, and since ``g`` is linear in ``u``, differentiating ``⟨g(u), v⟩`` w.r.t.
+``u`` gives ``J v`` (the "double-backward" forward-mode product). So
+
+* ``jvp(v) = J v``: one backward through the recorded backward graph,
+* ``vjp(u) = Jᵀ u``: one backward through the forward graph,
+* ``loss_hvp(u) = L'' u``: closed form for the matching losses of Table 2
+  (:mod:`torch_hf.losses`), otherwise double backward through the loss head,
+* ``mv(v) = Jᵀ (L'' (J v))``.
+
+``benchmarks/curvature_cost.py`` measures this against ``torch.func.linearize`` +
+``torch.func.vjp`` on the same model and against the uncached product.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from .losses import MatchingLoss, recognize
+
+__all__ = ["GGN", "Hessian", "ClosureError", "NonFiniteLossError", "evaluate_closure"]
+
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | Sequence[Tensor]]"]
+
+
+class ClosureError(ValueError):
+    """The closure broke the contract of ``closure() -> (loss, outputs)``."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The closure returned a loss that is NaN or infinite."""
+
+
+def _as_param_list(params: Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, not a single tensor")
+    plist = [p for p in params]
+    for p in plist:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must contain tensors, got {type(p).__name__}")
+    plist = [p for p in plist if p.requires_grad]
+    if not plist:
+        raise ValueError("no parameter requires grad: nothing to differentiate")
+    return plist
+
+
+def evaluate_closure(closure: Closure, need_outputs: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Call ``closure`` with grad enabled and check what it returned.
+
+    Returns ``(loss, outputs)`` with ``outputs`` normalised to a tuple (or ``None``
+    when the closure returned only the loss and ``need_outputs`` is false).
+    """
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    with torch.enable_grad():
+        result = closure()
+    if isinstance(result, Tensor):
+        loss, outputs = result, None
+    elif isinstance(result, (tuple, list)) and len(result) == 2:
+        loss, outputs = result
+    else:
+        raise ClosureError(
+            "closure must return (loss, outputs) or, for curvature='hessian', the loss alone; "
+            f"got {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+        )
+    if not isinstance(loss, Tensor):
+        raise ClosureError(f"the loss returned by the closure must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ClosureError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+    if loss.dim() != 0:
+        loss = loss.reshape(())
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteLossError(f"the closure returned a non-finite loss ({loss.item()})")
+    if not loss.requires_grad:
+        raise ClosureError("the loss does not depend on the parameters (it has no autograd graph)")
+    if outputs is None:
+        if need_outputs:
+            raise ClosureError(
+                "curvature='ggn' needs the network outputs: return (loss, outputs) from the closure"
+            )
+        return loss, None
+    if isinstance(outputs, Tensor):
+        outputs = (outputs,)
+    elif isinstance(outputs, (tuple, list)) and outputs and all(isinstance(o, Tensor) for o in outputs):
+        outputs = tuple(outputs)
+    else:
+        raise ClosureError("outputs must be a tensor or a non-empty tuple of tensors")
+    for i, out in enumerate(outputs):
+        if not out.requires_grad:
+            raise ClosureError(f"output {i} does not depend on the parameters (requires_grad is False)")
+    return loss, outputs
+
+
+def _node(t: Tensor):
+    """The autograd node gradients of ``t`` flow into (AccumulateGrad for leaves)."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    return torch.autograd.graph.get_gradient_edge(t).node
+
+
+def _check_outputs_independent(outputs: tuple[Tensor, ...]) -> None:
+    """Raise when one output is computed from another (L'' would be taken wrongly)."""
+    if len(outputs) < 2:
+        return
+    edges = [(_node(o), getattr(o, "output_nr", 0)) for o in outputs]
+    seen_edges: dict[tuple[int, int], int] = {}
+    for i, (n, nr) in enumerate(edges):
+        key = (id(n), nr)
+        if key in seen_edges:
+            raise ClosureError(
+                f"outputs {seen_edges[key]} and {i} are the same tensor: pass each output once"
+            )
+        seen_edges[key] = i
+    targets = {id(n): i for i, (n, _) in enumerate(edges)}
+    # One DFS from all children of all output nodes: reaching an output node means
+    # that output feeds another one.
+    stack = [c for n, _ in edges for c, _ in n.next_functions if c is not None]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if id(node) in targets:
+            raise ClosureError(
+                f"output {targets[id(node)]} is used to compute another output; the GGN treats the "
+                "outputs as independent coordinates, so return only outputs that are not computed "
+                "from each other (e.g. logits and hidden states, not logits and softmax(logits))"
+            )
+        stack.extend(c for c, _ in node.next_functions if c is not None)
+
+
+def _check_loss_through_outputs(loss: Tensor, outputs: tuple[Tensor, ...], params: list[Tensor]) -> None:
+    """Raise when the loss reaches a parameter other than through the outputs."""
+    stop = {id(_node(o)) for o in outputs}
+    param_ids = {id(p) for p in params}
+    stack = [loss.grad_fn]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited or id(node) in stop:
+            continue
+        visited.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in param_ids:
+            raise ClosureError(
+                "the loss depends on the parameters other than through the outputs (e.g. an L2 "
+                "penalty inside the closure); pass weight_decay= to the optimizer instead, or "
+                "return the extra term's input as an output"
+            )
+        stack.extend(c for c, _ in node.next_functions)
+
+
+class _CurvatureBase:
+    params: list[Tensor]
+    _loss: Tensor
+    _grad: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """The loss of the closure evaluation this operator was built from (detached)."""
+        return self._loss
+
+    @property
+    def grad(self) -> Tensor:
+        """The flat gradient ∇f of that evaluation (detached)."""
+        return self._grad
+
+    @property
+    def numel(self) -> int:
+        return self._grad.numel()
+
+    def _check_vector(self, v: Tensor, name: str = "v") -> None:
+        if not isinstance(v, Tensor) or v.dim() != 1 or v.numel() != self.numel:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be a flat vector of {self.numel} entries, got {shape}")
+
+    def mv(self, v: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.mv(v)
+
+    def dense(self) -> Tensor:
+        """The whole matrix, column by column (tiny models only: n products)."""
+        n = self.numel
+        eye = torch.eye(n, dtype=self._grad.dtype, device=self._grad.device)
+        return torch.stack([self.mv(eye[i]) for i in range(n)], dim=1)
+
+
+class GGN(_CurvatureBase):
+    r"""Generalized Gauss-Newton operator G = Jᵀ L'' J (§6) with cached activations (§7.1).
+
+    Args:
+        params: the parameters (tensors with ``requires_grad``; others are skipped).
+        closure: takes no arguments and returns ``(loss, outputs)`` where ``outputs``
+            is a tensor or a tuple of tensors, ``loss`` depends on the parameters only
+            through ``outputs`` and is convex in them (fold the output nonlinearity into
+            the loss, §6.2). No ``backward()`` inside.
+        loss_hvp: optional ``(u_1, ..., u_k) -> (L''u)_1, ..., (L''u)_k`` overriding the
+            output Hessian (declared closed form). By default a recognised matching
+            loss (:mod:`torch_hf.losses`) uses its closed form, anything else exact
+            double backward.
+
+    The closure is evaluated once, here. ``mv``, ``jvp``, ``vjp`` and ``loss_hvp`` then
+    reuse its activations. Vectors over parameters are flat; vectors over outputs are
+    tuples shaped like the outputs.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        closure: Closure,
+        loss_hvp: Callable[..., Sequence[Tensor]] | None = None,
+    ) -> None:
+        self.params = _as_param_list(params)
+        loss, outputs = evaluate_closure(closure, need_outputs=True)
+        assert outputs is not None
+        _check_outputs_independent(outputs)
+        _check_loss_through_outputs(loss, outputs, self.params)
+        self.outputs = outputs
+        self.matching_loss: MatchingLoss | None = None
+        if loss_hvp is None and len(outputs) == 1:
+            self.matching_loss = recognize(loss, outputs[0])
+        self._user_loss_hvp = loss_hvp
+        need_head_graph = loss_hvp is None and self.matching_loss is None
+        with torch.enable_grad():
+            grad_z = torch.autograd.grad(loss, outputs, create_graph=need_head_graph, allow_unused=True)
+            grad_z = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grad_z))
+            self._grad_z = grad_z
+            # g(u) = Jᵀ u, recorded so that d⟨g(u), v⟩/du = J v; at u = ∂L/∂z it is ∇f.
+            self._u = tuple(g.detach().requires_grad_(True) for g in grad_z)
+            jt_u = torch.autograd.grad(outputs, self.params, self._u, create_graph=True, allow_unused=True)
+        self._jt_u_live = [(i, g) for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
+        if not self._jt_u_live:
+            raise ClosureError("the outputs do not depend on any of the parameters")
+        self._grad = _flat.flatten([None if g is None else g.detach() for g in jt_u], self.params)
+        self._loss = loss.detach()
+
+    # -- the factors of G ---------------------------------------------------------
+    def jvp(self, v: Tensor) -> tuple[Tensor, ...]:
+        """J v: the change of each output along the flat parameter direction ``v``."""
+        self._check_vector(v)
+        parts = _flat.unflatten(v, self.params)
+        live = [g for _, g in self._jt_u_live]
+        with torch.enable_grad():
+            jv = torch.autograd.grad(
+                live, self._u, [parts[i] for i, _ in self._jt_u_live], retain_graph=True, allow_unused=True
+            )
+        return tuple(torch.zeros_like(o) if t is None else t for o, t in zip(self.outputs, jv))
+
+    def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
+        """Jᵀ u as a flat parameter vector, for ``u`` shaped like the outputs."""
+        u = self._as_output_tuple(u, "u")
+        with torch.enable_grad():
+            g = torch.autograd.grad(self.outputs, self.params, u, retain_graph=True, allow_unused=True)
+        return _flat.flatten(g, self.params)
+
+    def loss_hvp(self, u: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """L'' u: the loss Hessian w.r.t. the outputs times ``u`` (shaped like the outputs)."""
+        u = self._as_output_tuple(u, "u")
+        if self._user_loss_hvp is not None:
+            out = self._user_loss_hvp(*u)
+            return self._as_output_tuple(out, "loss_hvp's result")
+        if self.matching_loss is not None:
+            return (self.matching_loss.hvp(u[0]),)
+        with torch.enable_grad():
+            out = torch.autograd.grad(self._grad_z, self.outputs, u, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(o) if t is None else t for o, t in zip(self.outputs, out))
+
+    def mv(self, v: Tensor) -> Tensor:
+        """G v = Jᵀ (L'' (J v)) with no forward pass."""
+        return self.vjp(self.loss_hvp(self.jvp(v)))
+
+    def _as_output_tuple(self, u, name: str) -> tuple[Tensor, ...]:
+        if isinstance(u, Tensor):
+            u = (u,)
+        u = tuple(u)
+        if len(u) != len(self.outputs) or any(a.shape != o.shape for a, o in zip(u, self.outputs)):
+            raise ValueError(
+                f"{name} must match the outputs' shapes {[tuple(o.shape) for o in self.outputs]}, "
+                f"got {[tuple(a.shape) for a in u]}"
+            )
+        return u
+
+
+class Hessian(_CurvatureBase):
+    r"""Exact Hessian operator H = ∇²f (§5) with the gradient graph cached.
+
+    The gradient is computed once with ``create_graph=True``; each ``mv(v)`` is then
+    one backward pass through that graph (Hv = ∂⟨∇f, v⟩/∂θ, the same product as
+    Pearlmutter's R-operator, evaluated reverse-over-reverse). H may be indefinite.
+
+    Args:
+        params: the parameters.
+        closure: returns ``loss`` or ``(loss, outputs)`` (the outputs are ignored).
+    """
+
+    def __init__(self, params: Iterable[Tensor], closure: Closure) -> None:
+        self.params = _as_param_list(params)
+        loss, _ = evaluate_closure(closure, need_outputs=False)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self._live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grad = _flat.flatten([None if g is None else g.detach() for g in grads], self.params)
+        self._loss = loss.detach()
+
+    def mv(self, v: Tensor) -> Tensor:
+        """H v with no forward pass."""
+        self._check_vector(v)
+        if not self._live:
+            return torch.zeros_like(v)
+        parts = _flat.unflatten(v, self.params)
+        with torch.enable_grad():
+            hv = torch.autograd.grad(
+                [g for _, g in self._live], self.params, [parts[i] for i, _ in self._live],
+                retain_graph=True, allow_unused=True,
+            )
+        return _flat.flatten(hv, self.params)
