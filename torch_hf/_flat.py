@@ -11,6 +11,8 @@ def flatten(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
     """Concatenate ``tensors`` into one flat vector; ``None`` entries become zeros shaped as ``like``."""
     parts = []
     for t, p in zip(tensors, like):
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"sparse gradients are not supported by torch_hf (got layout {t.layout})")
         parts.append(torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1))
     if not parts:
         raise ValueError("no parameters to flatten")

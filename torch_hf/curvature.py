@@ -291,6 +291,26 @@ class GGN(_CurvatureBase):
         """G v = Jᵀ (L'' (J v)) with no forward pass."""
         return self.vjp(self.loss_hvp(self.jvp(v)))
 
+    def loss_sqrt_hvp(self, v: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...] | None:
+        """S v with S Sᵀ = L'' (for §11.4's estimator), or ``None`` without a closed form."""
+        if self.matching_loss is None:
+            return None
+        v = self._as_output_tuple(v, "v")
+        return (self.matching_loss.sqrt_hvp(v[0]),)
+
+    def squared_vjp(self, cotangents: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Sum over cases of the squared per-case parts of Jᵀ c (§11.3–11.4).
+
+        For a cotangent ``c`` whose first dimension indexes the cases, returns
+        ``(d, per_case)`` where, for parameters of a linear layer applied once to a
+        (cases × features) input, ``d = Σ_i sq(J_iᵀ c_i)`` is computed from the layer's
+        input and output gradient as in Algorithm 6 (no per-case storage), and for all
+        other parameters ``d = sq(Jᵀ c)`` of the whole batch. ``per_case`` is a boolean
+        flat mask telling which entries are the per-case sums.
+        """
+        c = self._as_output_tuple(cotangents, "cotangents")
+        return _squared_vjp(self.outputs, self.params, c)
+
     def _as_output_tuple(self, u, name: str) -> tuple[Tensor, ...]:
         if isinstance(u, Tensor):
             u = (u,)
@@ -301,6 +321,99 @@ class GGN(_CurvatureBase):
                 f"got {[tuple(a.shape) for a in u]}"
             )
         return u
+
+
+def _linear_layers(outputs: tuple[Tensor, ...], params: list[Tensor], batch: int):
+    """Find ``addmm``/``mm`` nodes of linear layers whose weight (and bias) are used only
+    there and whose input rows are the cases. Returns ``[(node, input, weight_index,
+    bias_index or None)]``."""
+    index = {id(p): i for i, p in enumerate(params)}
+    uses: dict[int, int] = {}
+    nodes = []
+    stack = [_node(o) for o in outputs]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        nodes.append(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                uses[id(child)] = uses.get(id(child), 0) + 1
+                stack.append(child)
+
+    def param_behind(node, through_t: bool):
+        if node is None:
+            return None
+        if through_t:
+            if type(node).__name__ != "TBackward0" or uses.get(id(node), 0) != 1:
+                return None
+            node = node.next_functions[0][0]
+        var = getattr(node, "variable", None)
+        if var is None or id(var) not in index or uses.get(id(node), 0) != 1:
+            return None
+        return index[id(var)]
+
+    found = []
+    for node in nodes:
+        kind = type(node).__name__
+        try:
+            if kind == "AddmmBackward0":
+                x, w_edge, b_edge = node._saved_mat1, node.next_functions[2][0], node.next_functions[0][0]
+                if node._saved_alpha != 1 or node._saved_beta != 1:
+                    continue
+            elif kind == "MmBackward0":
+                x, w_edge, b_edge = node._saved_self, node.next_functions[1][0], None
+            else:
+                continue
+        except (AttributeError, RuntimeError):
+            continue
+        w = param_behind(w_edge, through_t=True)
+        if w is None or x is None or x.dim() != 2 or x.shape[0] != batch:
+            continue
+        b = param_behind(b_edge, through_t=False) if b_edge is not None else None
+        if b is not None and params[b].dim() != 1:
+            b = None
+        found.append((node, x, w, b))
+    return found
+
+
+def _squared_vjp(outputs: tuple[Tensor, ...], params: list[Tensor], c: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    batch = outputs[0].shape[0] if outputs[0].dim() > 0 else 1
+    layers = _linear_layers(outputs, params, batch)
+    per_case: dict[int, Tensor] = {}
+    handles = []
+
+    def make_hook(x, w, b):
+        def hook(grad_outputs):
+            delta = grad_outputs[0]
+            if delta is None:
+                return None
+            d2 = delta.square()
+            per_case[w] = d2.t() @ x.square()
+            if b is not None:
+                per_case[b] = d2.sum(0)
+            return None
+        return hook
+
+    for node, x, w, b in layers:
+        handles.append(node.register_prehook(make_hook(x, w, b)))
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(outputs, params, c, retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    parts, mask = [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if i in per_case:
+            parts.append(per_case[i].reshape(-1))
+            mask.append(torch.ones(p.numel(), dtype=torch.bool, device=p.device))
+        else:
+            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.square().reshape(-1))
+            mask.append(torch.zeros(p.numel(), dtype=torch.bool, device=p.device))
+    return torch.cat(parts), torch.cat(mask)
 
 
 class Hessian(_CurvatureBase):

@@ -1,0 +1,408 @@
+"""HessianFree (Algorithm 3): optima of convex problems, backtracking, state, robustness."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_hf
+from torch_hf import HessianFree, NonFiniteLossError
+from torch_hf.damping import Tikhonov
+from torch_hf.optimizer import cg_backtracking
+from torch_hf.preconditioners import EmpiricalFisherDiagonal, GGNDiagonal, Identity
+
+
+def _least_squares(n=30, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    lin = nn.Linear(d, 1, bias=False).double()
+
+    def closure():
+        z = lin(a)
+        return 0.5 * ((z - y) ** 2).sum(), z
+
+    return lin, a, y, closure
+
+
+def test_one_step_lands_on_the_least_squares_optimum():
+    lin, a, y, closure = _least_squares()
+    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(),
+                      cg_max_iters=6, cg_tol=0.0, cg_decay=0.0)
+    opt.step(closure)
+    expected = torch.linalg.lstsq(a, y).solution.reshape(-1)
+    assert torch.allclose(lin.weight.reshape(-1), expected, rtol=1e-9, atol=1e-11)
+    assert opt.last_step.rho == pytest.approx(1.0, abs=1e-8)
+
+
+def test_weight_decay_is_added_exactly_to_gradient_and_curvature():
+    lin, a, y, closure = _least_squares()
+    wd = 3.0
+    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(),
+                      cg_max_iters=6, cg_tol=0.0, cg_decay=0.0, weight_decay=wd)
+    opt.step(closure)
+    ridge = torch.linalg.solve(a.T @ a + wd * torch.eye(6, dtype=torch.float64), a.T @ y).reshape(-1)
+    assert torch.allclose(lin.weight.reshape(-1), ridge, rtol=1e-9, atol=1e-11)
+
+
+def test_per_group_weight_decay_is_honoured():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    lin = nn.Linear(4, 1).double()
+
+    def closure():
+        z = lin(a)
+        return 0.5 * ((z - y) ** 2).sum(), z
+
+    opt = HessianFree([{"params": [lin.weight], "weight_decay": 2.0}, {"params": [lin.bias], "weight_decay": 0.0}],
+                      damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(), cg_max_iters=5, cg_tol=0.0,
+                      cg_decay=0.0)
+    opt.step(closure)
+    ax = torch.cat([a, torch.ones(40, 1, dtype=torch.float64)], 1)
+    reg = torch.diag(torch.tensor([2.0] * 4 + [0.0], dtype=torch.float64))
+    expected = torch.linalg.solve(ax.T @ ax + reg, ax.T @ y).reshape(-1)
+    got = torch.cat([lin.weight.reshape(-1), lin.bias])
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def _logistic(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    w_true = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    t = (torch.rand(200, 1, generator=g, dtype=torch.float64) < torch.sigmoid(x @ w_true)).double()
+    return x, t
+
+
+def _newton_logistic(x, t, wd):
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    w = torch.zeros(xb.shape[1], 1, dtype=torch.float64)
+    for _ in range(50):
+        p = torch.sigmoid(xb @ w)
+        grad = xb.T @ (p - t) / len(x) + wd * w
+        hess = xb.T @ (xb * (p * (1 - p))) / len(x) + wd * torch.eye(xb.shape[1], dtype=torch.float64)
+        w = w - torch.linalg.solve(hess, grad)
+    return w.reshape(-1)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_logistic_regression_reaches_the_newton_optimum(curvature):
+    x, t = _logistic()
+    wd = 1e-3
+    lin = nn.Linear(5, 1).double()
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+
+    def closure():
+        z = lin(x)
+        return F.binary_cross_entropy_with_logits(z, t), z
+
+    opt = HessianFree(lin.parameters(), curvature=curvature, damping=Tikhonov(1.0), weight_decay=wd,
+                      preconditioner=GGNDiagonal(generator=torch.Generator().manual_seed(0)), cg_tol=1e-12)
+    for _ in range(25):
+        opt.step(closure)
+    expected = _newton_logistic(x, t, wd)
+    got = torch.cat([lin.weight.reshape(-1), lin.bias])
+    assert float((got.detach() - expected).abs().max()) <= 1e-8
+
+
+def test_cg_backtracking_walks_back_while_the_objective_improves():
+    values = [5.0, 4.0, 3.0, 3.5, 6.0]
+    calls = []
+
+    def objective(x):
+        calls.append(int(x))
+        return values[int(x)]
+
+    index, best = cg_backtracking([torch.tensor(i) for i in range(5)], objective)
+    assert (index, best) == (2, 3.0)
+    assert calls == [4, 3, 2, 1]  # stops at the first iterate that is worse
+    index, best = cg_backtracking([torch.tensor(i) for i in range(3)], lambda x: [1.0, float("inf"), math.inf][int(x)])
+    assert (index, best) == (0, 1.0)
+
+
+def _overshooting_problem():
+    """Curvature from a batch whose curvature is far too small, so later CG iterates overshoot."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(64, 3, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    def closure():
+        z = model(x)
+        return F.binary_cross_entropy_with_logits(z, t), z
+
+    def curvature_closure():
+        z = model(x[:4])
+        return F.binary_cross_entropy_with_logits(z, t[:4], reduction="sum") * 1e-3, z
+
+    return model, closure, curvature_closure
+
+
+def test_step_chooses_the_backtracked_iterate_and_reports_it():
+    # Trial points are scored by (‖δ‖ − r)², unimodal along unpreconditioned CG from zero
+    # (‖x_i‖ grows monotonically), with r the norm of the 4th saved iterate: backtracking
+    # must walk back from the last iterate to exactly that one.
+    lin, a, y, closure = _least_squares(d=6)
+    kwargs = dict(damping=Tikhonov(1e-3, adapt=None), preconditioner=Identity(), cg_max_iters=6, cg_tol=0.0,
+                  cg_decay=0.0, line_search_c=None)
+    op = torch_hf.GGN(list(lin.parameters()), closure)
+    saved = torch_hf.cg.cg(lambda v: op.mv(v) + 1e-3 * v, -op.grad, max_iters=6, tol=0.0).saved
+    target_iteration, target = saved[3][0], float(saved[3][1].norm())
+    theta0 = lin.weight.detach().reshape(-1).clone()
+
+    def scored_closure():
+        loss, z = closure()
+        if torch.is_grad_enabled():
+            return loss, z
+        return (lin.weight.reshape(-1) - theta0).norm().sub(target).square() - 1.0, z
+
+    opt = HessianFree(lin.parameters(), **kwargs)
+    opt.step(scored_closure)
+    d = opt.last_step
+    assert d.chosen_iteration == target_iteration < d.cg_iterations
+    assert d.backtracking_evaluations == len(saved) - 3 + 1
+    moved = lin.weight.detach().reshape(-1) - theta0
+    assert float(moved.norm()) == pytest.approx(target, rel=1e-12)
+    assert d.loss_after == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_line_search_shrinks_a_step_that_fails_armijo():
+    model, closure, curvature_closure = _overshooting_problem()
+    opt = HessianFree(model.parameters(), damping=Tikhonov(1e-6, adapt=None), preconditioner=Identity(),
+                      cg_max_iters=40, cg_tol=0.0, backtracking_factor=None)
+    loss0 = closure()[0].item()
+    opt.step(closure, curvature_closure)
+    d = opt.last_step
+    assert 0 < d.line_search_alpha < 1.0 and d.line_search_evaluations >= 1
+    assert d.directional_derivative < 0
+    assert d.loss_after <= loss0 + 1e-2 * d.line_search_alpha * d.directional_derivative  # Armijo holds
+    with torch.no_grad():
+        assert closure()[0].item() == pytest.approx(d.loss_after, rel=1e-12)
+
+
+def test_lambda_follows_rho_in_the_optimizer():
+    lin, a, y, closure = _least_squares()
+    opt = HessianFree(lin.parameters(), damping=Tikhonov(1.0), preconditioner=Identity(), cg_tol=0.0)
+    opt.step(closure)  # quadratic problem: ρ = 1 > 3/4
+    assert opt.last_step.rho == pytest.approx(1.0, abs=1e-6)
+    assert opt.damping.value == pytest.approx(2 / 3)
+    assert opt.last_step.damping == 1.0 and opt.last_step.damping_next == pytest.approx(2 / 3)
+
+
+def _small_autoencoder(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 2), nn.Linear(2, 4), nn.Sigmoid(),
+                          nn.Linear(4, 6)).double()
+    x = torch.rand(32, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def closure_for(m):
+        def closure():
+            z = m(x)
+            return F.binary_cross_entropy_with_logits(z, x), z
+        return closure
+
+    return model, closure_for
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    model, closure_for = _small_autoencoder()
+
+    def make(m):
+        return HessianFree(m.parameters(), weight_decay=1e-3, cg_max_iters=20,
+                           preconditioner=GGNDiagonal(generator=torch.Generator().manual_seed(5)))
+
+    opt = make(model)
+    for _ in range(3):
+        opt.step(closure_for(model))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.step(closure_for(model))
+    reference = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    lam_ref = opt.damping.value
+
+    model2, _ = _small_autoencoder(seed=1)  # different start, overwritten by the load
+    model2.load_state_dict(saved_model)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(3):
+        opt2.step(closure_for(model2))
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model2.parameters()).detach(), reference)
+    assert opt2.damping.value == lam_ref
+    assert opt2.state[next(model2.parameters())]["step"] == 6
+
+
+def test_step_returns_loss_before_update_and_fills_diagnostics():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), cg_max_iters=10)
+    closure = closure_for(model)
+    expected = closure()[0].item()
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(expected, rel=1e-14)
+    d = opt.last_step
+    assert d.loss_before == pytest.approx(expected, rel=1e-14)
+    assert d.loss_after < d.loss_before and d.accepted
+    assert 1 <= d.cg_iterations <= 10 and d.curvature_products >= d.cg_iterations
+    assert d.objective_evaluations == d.backtracking_evaluations + d.line_search_evaluations >= 1
+    assert d.wall_time_s > 0 and set(d.times) >= {"cg", "preconditioner"}
+    assert opt.history[-1] is d and isinstance(d.as_dict(), dict)
+
+
+def test_separate_curvature_batch_is_used():
+    model, closure_for = _small_autoencoder()
+    x_small = torch.rand(4, 6, dtype=torch.float64)
+    count = {"n": 0}
+
+    def curvature_closure():
+        count["n"] += 1
+        z = model(x_small)
+        return F.binary_cross_entropy_with_logits(z, x_small), z
+
+    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    opt.step(closure_for(model), curvature_closure)
+    assert count["n"] == 1 and opt.last_step.accepted
+
+
+# -- robustness -----------------------------------------------------------------
+
+def _params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(model, params):
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+def test_non_finite_loss_at_start_raises_and_leaves_parameters_untouched():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    before = _params_of(model)
+
+    def bad():
+        z = model(torch.full((3, 6), float("nan"), dtype=torch.float64))
+        return F.binary_cross_entropy_with_logits(z, torch.zeros_like(z)), z
+
+    with pytest.raises(NonFiniteLossError):
+        opt.step(bad)
+    assert _same(model, before)
+    opt.step(closure_for(model))  # still usable
+    assert opt.last_step.accepted
+
+
+def test_non_finite_trial_points_are_rejected_and_parameters_restored_exactly():
+    model, closure_for = _small_autoencoder()
+    good = closure_for(model)
+
+    def closure():
+        loss, z = good()
+        if not torch.is_grad_enabled():  # trial points are evaluated without grad
+            return loss * float("nan"), z
+        return loss, z
+
+    opt = HessianFree(model.parameters(), cg_max_iters=10)
+    before = _params_of(model)
+    lam = opt.damping.value
+    opt.step(closure)
+    assert _same(model, before)
+    assert not opt.last_step.accepted and opt.last_step.line_search_alpha == 0.0
+    assert opt.damping.value > lam
+    opt.step(good)  # usable afterwards
+    assert opt.last_step.accepted
+
+
+def test_non_finite_curvature_product_ends_cg_with_best_finite_iterate():
+    model, closure_for = _small_autoencoder()
+    calls = {"n": 0}
+
+    def loss_hvp(u):
+        calls["n"] += 1
+        scale = float("nan") if calls["n"] > 4 else 1.0
+        p = torch.sigmoid(model[-1].weight.new_zeros(1))  # any finite scale
+        return u * 0.05 * scale
+
+    opt = HessianFree(model.parameters(), cg_max_iters=30, preconditioner=Identity(), loss_hvp=loss_hvp)
+    opt.step(closure_for(model))
+    d = opt.last_step
+    assert d.cg_stop_reason == "non_finite" and d.cg_iterations <= 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert d.accepted
+
+
+def test_parameters_without_grad_are_skipped():
+    model, closure_for = _small_autoencoder()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    opt.step(closure_for(model))
+    assert torch.equal(model[0].weight, frozen)
+    assert opt.last_step.accepted
+
+
+def test_sparse_gradients_raise():
+    emb = nn.Embedding(10, 3, sparse=True).double()
+    idx = torch.tensor([1, 2, 3])
+
+    def closure():
+        z = emb(idx)
+        return (z ** 2).sum(), z
+
+    opt = HessianFree(emb.parameters(), cg_max_iters=3)
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step(closure)
+
+
+def test_per_group_options_that_hf_cannot_honour_raise():
+    model, _ = _small_autoencoder()
+    with pytest.raises(ValueError, match="cg_max_iters"):
+        HessianFree([{"params": [model[0].weight], "cg_max_iters": 10}, {"params": [model[0].bias]}])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"curvature": "fisher"}, "curvature"), ({"lr": 0}, "lr"), ({"weight_decay": -1}, "weight_decay"),
+     ({"cg_max_iters": 0}, "cg_max_iters"), ({"cg_min_iters": -1}, "cg_min_iters"), ({"cg_tol": -1}, "cg_tol"),
+     ({"cg_decay": 1.5}, "cg_decay"), ({"backtracking_factor": 1.0}, "backtracking_factor"),
+     ({"line_search_c": 2.0}, "line_search_c"), ({"line_search_beta": 1.0}, "line_search_beta"),
+     ({"trust_radius": 0.0}, "trust_radius"), ({"cg_check_every": 0}, "cg_check_every")],
+)
+def test_invalid_hyper_parameters_raise_value_error_naming_them(kwargs, match):
+    model, _ = _small_autoencoder()
+    with pytest.raises(ValueError, match=match):
+        HessianFree(model.parameters(), **kwargs)
+
+
+def test_invalid_damping_or_preconditioner_raise_type_error():
+    model, _ = _small_autoencoder()
+    with pytest.raises(TypeError, match="damping"):
+        HessianFree(model.parameters(), damping=1.0)
+    with pytest.raises(TypeError, match="preconditioner"):
+        HessianFree(model.parameters(), preconditioner=object())
+
+
+def test_step_requires_a_closure():
+    model, _ = _small_autoencoder()
+    with pytest.raises(TypeError, match="closure"):
+        HessianFree(model.parameters()).step(None)
+
+
+def test_trust_region_option_bounds_the_step():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), damping=Tikhonov(1e-6, adapt=None), preconditioner=Identity(),
+                      trust_radius=0.05, cg_decay=0.0, line_search_c=None, backtracking_factor=None)
+    opt.step(closure_for(model))
+    assert opt.last_step.step_norm <= 0.05 * (1 + 1e-9)
+
+
+def test_training_decreases_the_loss_with_fisher_preconditioner():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), preconditioner=EmpiricalFisherDiagonal(), cg_max_iters=20)
+    closure = closure_for(model)
+    first = closure()[0].item()
+    for _ in range(10):
+        opt.step(closure)
+    assert closure()[0].item() < first - 0.02
+    assert all(d.accepted for d in opt.history)

@@ -1,0 +1,201 @@
+"""Preconditioned conjugate gradient for HF (Algorithm 2, §4, §8.6, §8.7, §10).
+
+Minimises the quadratic ``q(x) = ½ xᵀ A x − bᵀ x`` (in HF: A = B + λD, b = −∇f, so
+q is the damped model M̂(δ) − f) given only products ``mv(v) = A v``:
+
+* any starting point ``x0`` (HF starts from ζ·δ₍k−1₎, §10);
+* q is tracked for free as ``q(x_i) = ½ (r_i − b)ᵀ x_i`` with ``r_i = A x_i − b``;
+* relative-progress termination (§4): stop at iteration j when
+  ``s_j = (q(x_j) − q(x_{j−k})) / q(x_j) < tol`` with window ``k = max(10, ⌈0.1 j⌉)``
+  and ``q(x_j) < 0``, plus ``max_iters`` / ``min_iters``;
+* negative or zero curvature ``pᵀAp ≤ 0`` (or a non-finite product) stops CG with the
+  last good iterate;
+* iterates are kept on a geometric schedule (iterations ⌈γ^m⌉, γ = 1.3 by default)
+  for CG-backtracking (§8.7), always including the last one;
+* optional Steihaug-Toint truncation at the trust-region boundary ``‖x‖_P = radius``
+  (§8.6; P is the preconditioner, or the identity).
+
+Host synchronisation: α, β and q stay on the device; the loop reads them back only
+every ``check_every`` iterations to decide termination (``check_every=1`` on CPU costs
+nothing). When curvature turns non-positive between checks, α is zeroed on the device
+so the iterate stops moving until the next check ends the run. The trust-region test
+needs a norm on the host each iteration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CGResult", "cg", "backtracking_schedule"]
+
+
+@dataclass
+class CGResult:
+    """Outcome of :func:`cg`.
+
+    Attributes:
+        x: the final iterate.
+        q: q(x) of the final iterate (float).
+        iterations: number of CG iterations (products with A after the initial residual).
+        stop_reason: ``"progress"``, ``"max_iters"``, ``"converged"``,
+            ``"negative_curvature"``, ``"non_finite"`` or ``"trust_region"``.
+        saved: ``[(iteration, x_i, q(x_i))]`` on the geometric schedule, ascending,
+            last entry the final iterate.
+        q_history: q(x_i) for i = 0..iterations.
+    """
+
+    x: Tensor
+    q: float
+    iterations: int
+    stop_reason: str
+    saved: list[tuple[int, Tensor, float]] = field(default_factory=list)
+    q_history: list[float] = field(default_factory=list)
+
+
+def backtracking_schedule(max_iters: int, factor: float = 1.3) -> list[int]:
+    """Iterations ⌈factor^m⌉ (m = 0, 1, ...) up to ``max_iters``: where CG keeps iterates."""
+    if factor <= 1.0:
+        raise ValueError(f"backtracking factor must be > 1, got {factor}")
+    out, m = [], 0
+    while True:
+        i = math.ceil(factor**m)
+        if i > max_iters:
+            return out
+        if not out or i != out[-1]:
+            out.append(i)
+        m += 1
+
+
+def _boundary_step(x: Tensor, p: Tensor, radius: float, metric: Tensor | None) -> float:
+    """τ ≥ 0 with ‖x + τ p‖_P = radius."""
+    w = metric if metric is not None else 1.0
+    a = float((p * w * p).sum())
+    b = 2.0 * float((x * w * p).sum())
+    c = float((x * w * x).sum()) - radius**2
+    disc = max(b * b - 4 * a * c, 0.0)
+    return (-b + math.sqrt(disc)) / (2 * a) if a > 0 else 0.0
+
+
+def cg(
+    mv: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+    *,
+    max_iters: int = 250,
+    min_iters: int = 1,
+    tol: float = 5e-4,
+    backtracking_factor: float = 1.3,
+    trust_radius: float | None = None,
+    trust_metric: Tensor | None = None,
+    check_every: int = 1,
+) -> CGResult:
+    """Run preconditioned CG (Algorithm 2) on ``A x = b``.
+
+    Args:
+        mv: ``v -> A v`` for a symmetric A (positive definite along the Krylov space).
+        b: right-hand side (flat vector).
+        x0: starting point; zeros when ``None``.
+        precondition: ``r -> P⁻¹ r`` (Algorithm 2's "solution of P y = r").
+        max_iters: most iterations (paper: 250).
+        min_iters: fewest iterations before progress termination may stop CG.
+        tol: relative-progress threshold on s_j (§4).
+        backtracking_factor: γ of the iterate-saving schedule ⌈γ^m⌉ (§8.7).
+        trust_radius: when set, Steihaug-Toint truncation at ``‖x‖_P = trust_radius``.
+        trust_metric: diagonal of P for the trust-region norm (identity when ``None``).
+        check_every: read termination quantities on the host every this many iterations.
+
+    Returns:
+        :class:`CGResult`.
+    """
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if min_iters < 0 or min_iters > max_iters:
+        raise ValueError(f"min_iters must be in [0, max_iters], got {min_iters}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if trust_radius is not None and not trust_radius > 0:
+        raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
+    solve = precondition if precondition is not None else (lambda r: r)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = (mv(x) - b) if x0 is not None else -b.clone()
+    y = solve(r)
+    p = -y
+    ry = torch.dot(r, y)
+    save_at = set(backtracking_schedule(max_iters, backtracking_factor))
+    # Per-iteration scalars stay on the device and are read back every check_every steps.
+    q_dev = torch.empty(max_iters + 1, dtype=b.dtype, device=b.device)
+    ok_dev = torch.ones(max_iters + 1, dtype=torch.bool, device=b.device)
+    q_dev[0] = 0.5 * torch.dot(r - b, x)
+    if not bool(torch.isfinite(q_dev[0])):
+        raise FloatingPointError("CG: the initial residual is not finite (non-finite product or b)")
+    good = torch.ones((), dtype=torch.bool, device=b.device)  # no bad curvature seen so far
+    finite = torch.ones((), dtype=torch.bool, device=b.device)  # no non-finite product seen
+    q_host: list[float] = []
+    saved: list[tuple[int, Tensor]] = []
+    stop_reason = "max_iters"
+    i = 0
+    while i < max_iters:
+        ap = mv(p)
+        pap = torch.dot(p, ap)
+        ok = torch.isfinite(pap) & (pap > 0)
+        finite = finite & torch.isfinite(pap)
+        good = good & ok
+        ok_dev[i + 1] = good
+        # A bad product freezes x and r (α = 0, A p masked) until the next check stops CG.
+        alpha = torch.where(good, ry / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        ap = ap.masked_fill(~good, 0.0)
+        if trust_radius is not None:
+            x_next = x + alpha * p
+            w = trust_metric if trust_metric is not None else 1.0
+            if not bool(good) or float((x_next * w * x_next).sum()) > trust_radius**2:
+                x = x + _boundary_step(x, p, trust_radius, trust_metric) * p
+                r = mv(x) - b
+                i += 1
+                q_dev[i] = 0.5 * torch.dot(r - b, x)
+                ok_dev[i] = True
+                stop_reason = "trust_region"
+                saved.append((i, x))
+                break
+        x = x + alpha * p
+        r = r + alpha * ap
+        i += 1
+        q_dev[i] = 0.5 * torch.dot(r - b, x)
+        if i in save_at:
+            saved.append((i, x))
+        if i % check_every == 0 or i == max_iters:
+            if not bool(good):
+                stop_reason = "bad"
+                break
+            q_host.extend(q_dev[len(q_host) : i + 1].tolist())
+            q_i = q_host[i]
+            k = max(10, math.ceil(0.1 * i))
+            if i >= max(min_iters, k + 1) and q_i < 0 and (q_i - q_host[i - k]) / q_i < tol:
+                stop_reason = "progress"
+                break
+        if i == max_iters:
+            break
+        y = solve(r)
+        ry_next = torch.dot(r, y)
+        beta = ry_next / torch.where(ry != 0, ry, torch.ones_like(ry))
+        p = -y + beta * p
+        ry = ry_next
+    last = i
+    if stop_reason == "bad":
+        # Iteration j is bad when ok_dev[j] is false: x_j = x_{j-1}; keep up to the last good one.
+        flags = ok_dev[: i + 1].tolist()
+        last = flags.index(False) - 1
+        stop_reason = "negative_curvature" if bool(finite) else "non_finite"
+    q_host = (q_host + q_dev[len(q_host) : last + 1].tolist())[: last + 1]
+    saved = [(it, xi) for it, xi in saved if it <= last]
+    if not saved or saved[-1][0] != last:
+        saved.append((last, x))  # x is frozen since the first bad step, so x == x_last
+    saved_out = [(it, xi, q_host[it]) for it, xi in saved]
+    return CGResult(x=saved_out[-1][1], q=saved_out[-1][2], iterations=last, stop_reason=stop_reason,
+                    saved=saved_out, q_history=q_host)

@@ -1,0 +1,180 @@
+"""Damping of the quadratic model (§8): what CG minimises is M̂(δ) = M(δ) + ½ δᵀ(λD)δ.
+
+A damping object has a tiny protocol used by :class:`torch_hf.HessianFree`:
+
+* ``prepare(context)`` — once per step, before CG, with the step's
+  :class:`DampingContext` (the curvature operator; scale-sensitive damping estimates
+  its diagonal here);
+* ``mv(v)`` — λ D v, added to every curvature product;
+* ``diagonal()`` — diag(λD) when D is diagonal (the preconditioner adds it, §11.2), else ``None``;
+* ``update(rho)`` — adapt λ from the reduction ratio ρ (§8.5);
+* ``value`` — the current λ; ``state_dict()`` / ``load_state_dict()``.
+
+Provided here: :class:`Tikhonov` (D = I, §8.1), :class:`ScaleSensitive` (diagonal D from
+an estimate of diag(B), §8.3), and the Levenberg-Marquardt rule
+:class:`LevenbergMarquardt` (§8.5) that both use to adapt λ. Structural damping
+(§8.4) plugs into the same protocol: it adds a term to the *curvature operator*
+(the hidden states as extra outputs) through ``augment_closure``, which the base
+class leaves as the identity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LevenbergMarquardt", "Damping", "Tikhonov", "ScaleSensitive", "DampingContext"]
+
+
+class LevenbergMarquardt:
+    """The Levenberg-Marquardt rule for λ (§8.5).
+
+    ρ > ``high`` (3/4): λ ← λ·``decrease`` (2/3); ρ < ``low`` (1/4): λ ← λ·``increase`` (3/2);
+    otherwise unchanged. A non-finite ρ counts as a failure (λ increases). The result is
+    clipped to ``[min_value, max_value]``.
+    """
+
+    def __init__(self, decrease: float = 2 / 3, increase: float = 3 / 2, low: float = 0.25, high: float = 0.75,
+                 min_value: float = 1e-12, max_value: float = 1e12) -> None:
+        if not 0 < decrease < 1:
+            raise ValueError(f"decrease must be in (0, 1), got {decrease}")
+        if not increase > 1:
+            raise ValueError(f"increase must be > 1, got {increase}")
+        if not low <= high:
+            raise ValueError(f"low must be <= high, got low={low}, high={high}")
+        if not 0 <= min_value <= max_value:
+            raise ValueError(f"need 0 <= min_value <= max_value, got {min_value}, {max_value}")
+        self.decrease, self.increase, self.low, self.high = decrease, increase, low, high
+        self.min_value, self.max_value = min_value, max_value
+
+    def __call__(self, value: float, rho: float) -> float:
+        if rho != rho or rho < self.low:  # NaN ρ: the trial failed
+            value *= self.increase
+        elif rho > self.high:
+            value *= self.decrease
+        return min(max(value, self.min_value), self.max_value)
+
+    def __repr__(self) -> str:
+        return (f"LevenbergMarquardt(decrease={self.decrease:.4g}, increase={self.increase:.4g}, "
+                f"low={self.low}, high={self.high})")
+
+
+@dataclass
+class DampingContext:
+    """What a damping object may look at when a step begins."""
+
+    curvature: Any  # the step's curvature operator (GGN or Hessian)
+    params: list[Tensor]
+
+
+_LM = "levenberg-marquardt"
+
+
+class Damping:
+    """Base class: λ with an adaptation rule and D = 0 (no damping term).
+
+    Args:
+        init: initial λ (a finite number >= 0).
+        adapt: ``(λ, ρ) -> λ``; the Levenberg-Marquardt rule by default, ``None`` for a fixed λ.
+    """
+
+    def __init__(self, init: float = 1.0, adapt: Callable[[float, float], float] | None | str = _LM) -> None:
+        if not (isinstance(init, (int, float)) and init >= 0 and init == init and init != float("inf")):
+            raise ValueError(f"damping init must be a finite number >= 0, got {init!r}")
+        if adapt is not None and adapt != _LM and not callable(adapt):
+            raise TypeError(f"adapt must be callable (lambda, rho) -> lambda, or None; got {adapt!r}")
+        self.value = float(init)
+        self.adapt = LevenbergMarquardt() if adapt == _LM else adapt
+
+    def prepare(self, context: DampingContext) -> None:
+        """Called once per step before CG."""
+
+    def mv(self, v: Tensor) -> Tensor:
+        """λ D v."""
+        return torch.zeros_like(v)
+
+    def diagonal(self) -> Tensor | float | None:
+        """diag(λD) if D is diagonal (a tensor, or a float for λI), else ``None``."""
+        return 0.0
+
+    def augment_closure(self, closure: Callable) -> Callable:
+        """Hook for structural damping (§8.4): may wrap the curvature closure."""
+        return closure
+
+    def update(self, rho: float) -> None:
+        """Adapt λ from the reduction ratio ρ (§8.5)."""
+        if self.adapt is not None:
+            self.value = self.adapt(self.value, rho)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(value={self.value:.4g}, adapt={self.adapt!r})"
+
+
+class Tikhonov(Damping):
+    """Tikhonov damping D = I (§8.1): the damped curvature is B + λI.
+
+    Args:
+        init: initial λ.
+        adapt: adaptation rule, Levenberg-Marquardt by default; ``None`` fixes λ.
+    """
+
+    def mv(self, v: Tensor) -> Tensor:
+        return v * self.value
+
+    def diagonal(self) -> float:
+        return self.value
+
+
+class ScaleSensitive(Damping):
+    """Scale-sensitive diagonal damping (§8.3): D = diag(d) + κ·mean(d)·I with d an
+    estimate of diag(B) on the step's curvature batch.
+
+    With κ = 0 this is the classical Levenberg-Marquardt choice D = diag(diag(B)),
+    invariant to diagonal reparameterisations and to rescaling f; κ > 0 interpolates
+    toward Tikhonov (a multiple of the identity), which §8.3 recommends since diag(B)
+    can nearly vanish along directions the quadratic model does not trust.
+
+    Args:
+        init: initial λ.
+        estimator: object with ``estimate(curvature) -> Tensor`` (e.g.
+            :class:`torch_hf.preconditioners.GGNDiagonal`); GGNDiagonal by default.
+        kappa: the identity share κ (relative to the mean of d).
+        adapt: adaptation rule, Levenberg-Marquardt by default.
+    """
+
+    def __init__(self, init: float = 1.0, estimator: Any = None, kappa: float = 1e-2,
+                 adapt: Callable[[float, float], float] | None | str = _LM) -> None:
+        super().__init__(init, adapt)
+        if not kappa >= 0:
+            raise ValueError(f"kappa must be >= 0, got {kappa}")
+        if estimator is None:
+            from .preconditioners import GGNDiagonal
+
+            estimator = GGNDiagonal()
+        if not hasattr(estimator, "estimate"):
+            raise TypeError("estimator must have an estimate(curvature) method")
+        self.estimator, self.kappa = estimator, kappa
+        self.d: Tensor | None = None
+
+    def prepare(self, context: DampingContext) -> None:
+        d = self.estimator.estimate(context.curvature).clamp_min(0)
+        self.d = d + self.kappa * d.mean()
+
+    def _require(self) -> Tensor:
+        if self.d is None:
+            raise RuntimeError("ScaleSensitive damping used before prepare(): no diagonal estimate yet")
+        return self.d
+
+    def mv(self, v: Tensor) -> Tensor:
+        return v * self._require() * self.value
+
+    def diagonal(self) -> Tensor:
+        return self._require() * self.value

@@ -1,0 +1,421 @@
+"""The Hessian-free optimizer: Algorithm 3 of Martens & Sutskever (2012).
+
+One call of :meth:`HessianFree.step` is one HF iteration:
+
+1. f(θ) and b = −∇f(θ) on the closure's batch S (§12);
+2. the curvature operator B (GGN, §6, or Hessian, §5) on S, or on a second batch S'
+   given by ``curvature_closure`` (§12.1), its activations cached for all of CG (§7.1);
+3. damping λD (§8) and preconditioner P (§11) for this step;
+4. δ ← PCG(b, A = B + λD + ηI, x₀ = ζ·δ₍k−1₎, P) (Alg. 2, §10), with η the weight decay;
+5. CG-backtracking: the saved iterate with the lowest f (§8.7);
+6. ρ = (f(θ+δ) − f(θ)) / M(δ), M the undamped quadratic model (§8.5, eq. 10), and the
+   Levenberg-Marquardt update of λ;
+7. Armijo backtracking line search f(θ+αδ) ≤ f(θ) + c·α·∇fᵀδ as the last defence (§8.8);
+8. θ ← θ + lr·α·δ.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from .cg import cg
+from .curvature import GGN, Hessian, NonFiniteLossError, evaluate_closure
+from .damping import Damping, DampingContext, Tikhonov
+from .preconditioners import GGNDiagonal, Preconditioner
+
+__all__ = ["HessianFree", "StepDiagnostics", "cg_backtracking"]
+
+logger = logging.getLogger("torch_hf")
+
+# Hyper-parameters that apply to the whole optimizer (HF solves one joint quadratic).
+_GLOBAL = ("lr", "cg_max_iters", "cg_min_iters", "cg_tol", "cg_decay", "backtracking_factor",
+           "line_search_c", "line_search_beta", "line_search_max_evals", "trust_radius")
+
+
+@dataclass
+class StepDiagnostics:
+    """What one HF step did (``opt.last_step``)."""
+
+    step: int = 0
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    rho: float = float("nan")
+    damping: float = float("nan")
+    damping_next: float = float("nan")
+    cg_iterations: int = 0
+    cg_stop_reason: str = ""
+    chosen_iteration: int = 0
+    line_search_alpha: float = float("nan")
+    predicted_reduction: float = float("nan")
+    directional_derivative: float = float("nan")
+    curvature_products: int = 0
+    objective_evaluations: int = 0
+    backtracking_evaluations: int = 0
+    line_search_evaluations: int = 0
+    grad_norm: float = float("nan")
+    step_norm: float = 0.0
+    accepted: bool = False
+    wall_time_s: float = 0.0
+    times: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class HessianFree(torch.optim.Optimizer):
+    r"""Hessian-free optimization (Martens 2010; Martens & Sutskever 2012, Alg. 3).
+
+    Args:
+        params: iterable of parameters or of parameter groups. Only ``weight_decay``
+            may differ between groups; HF solves one joint quadratic, so other options
+            must be equal in all groups.
+        curvature: ``"ggn"`` (generalized Gauss-Newton, §6, PSD; the default) or
+            ``"hessian"`` (exact Hessian, §5; may be indefinite).
+        damping: a :mod:`torch_hf.damping` object; ``Tikhonov(init=1.0)`` adapted by the
+            Levenberg-Marquardt rule by default.
+        preconditioner: a :mod:`torch_hf.preconditioners` object; ``GGNDiagonal(0.75)``
+            by default (§13).
+        lr: multiplier of the final update (1.0; lowering it late in training is one of
+            §12.2's remedies for minibatch overfitting).
+        weight_decay: η of the penalty (η/2)‖θ‖², added exactly to f, ∇f and B (§13).
+        cg_max_iters: most CG iterations per step (§8.7: 250).
+        cg_min_iters: fewest CG iterations before progress termination.
+        cg_tol: relative-progress threshold of §4.
+        cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
+        backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
+            disables backtracking (the last iterate is used).
+        line_search_c: Armijo constant c (§8.8: 1e-2); ``None`` disables the line search.
+        line_search_beta: step shrink factor of the line search.
+        line_search_max_evals: most objective evaluations of the line search.
+        trust_radius: if set, Steihaug-Toint truncation of CG at ‖δ‖_P = radius (§8.6).
+        cg_check_every: CG reads its termination scalars on the host every this many
+            iterations (1 costs nothing on CPU; raise it on GPUs).
+        loss_hvp: optional declared L'' for the GGN (see :class:`torch_hf.GGN`).
+
+    The closure takes no arguments and returns ``(loss, outputs)`` (or only ``loss`` for
+    ``curvature="hessian"``) with no ``backward()`` inside; see DESIGN.md / the README.
+    ``step`` returns the loss before the update and leaves its diagnostics in
+    :attr:`last_step`. A closure that yields a non-finite loss or gradient at the start
+    raises :class:`torch_hf.NonFiniteLossError` with the parameters untouched; a
+    non-finite objective at a trial point rejects that point, and when no point is
+    acceptable the parameters stay exactly as they were and λ is increased.
+
+    Reference: J. Martens and I. Sutskever, *Training Deep and Recurrent Networks with
+    Hessian-Free Optimization*, 2012.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        curvature: str = "ggn",
+        damping: Damping | None = None,
+        preconditioner: Preconditioner | None = None,
+        *,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        cg_max_iters: int = 250,
+        cg_min_iters: int = 1,
+        cg_tol: float = 5e-4,
+        cg_decay: float = 0.95,
+        backtracking_factor: float | None = 1.3,
+        line_search_c: float | None = 1e-2,
+        line_search_beta: float = 0.8,
+        line_search_max_evals: int = 20,
+        trust_radius: float | None = None,
+        cg_check_every: int = 1,
+        loss_hvp: Callable | None = None,
+    ) -> None:
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"Invalid lr: {lr} (must be > 0)")
+        if not weight_decay >= 0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        if not (isinstance(cg_max_iters, int) and cg_max_iters >= 1):
+            raise ValueError(f"Invalid cg_max_iters: {cg_max_iters} (must be an int >= 1)")
+        if not (isinstance(cg_min_iters, int) and 0 <= cg_min_iters <= cg_max_iters):
+            raise ValueError(f"Invalid cg_min_iters: {cg_min_iters} (must be an int in [0, cg_max_iters])")
+        if not cg_tol >= 0:
+            raise ValueError(f"Invalid cg_tol: {cg_tol} (must be >= 0)")
+        if not 0 <= cg_decay <= 1:
+            raise ValueError(f"Invalid cg_decay: {cg_decay} (must be in [0, 1])")
+        if backtracking_factor is not None and not backtracking_factor > 1:
+            raise ValueError(f"Invalid backtracking_factor: {backtracking_factor} (must be > 1, or None)")
+        if line_search_c is not None and not 0 < line_search_c < 1:
+            raise ValueError(f"Invalid line_search_c: {line_search_c} (must be in (0, 1), or None)")
+        if not 0 < line_search_beta < 1:
+            raise ValueError(f"Invalid line_search_beta: {line_search_beta} (must be in (0, 1))")
+        if not (isinstance(line_search_max_evals, int) and line_search_max_evals >= 1):
+            raise ValueError(f"Invalid line_search_max_evals: {line_search_max_evals} (must be an int >= 1)")
+        if trust_radius is not None and not trust_radius > 0:
+            raise ValueError(f"Invalid trust_radius: {trust_radius} (must be > 0, or None)")
+        if not (isinstance(cg_check_every, int) and cg_check_every >= 1):
+            raise ValueError(f"Invalid cg_check_every: {cg_check_every} (must be an int >= 1)")
+        damping = Tikhonov(1.0) if damping is None else damping
+        preconditioner = GGNDiagonal(0.75) if preconditioner is None else preconditioner
+        if not isinstance(damping, Damping):
+            raise TypeError(f"damping must be a torch_hf.damping.Damping, got {type(damping).__name__}")
+        for name in ("update", "solve", "diagonal"):
+            if not callable(getattr(preconditioner, name, None)):
+                raise TypeError(f"preconditioner must have a {name}() method (see torch_hf.preconditioners)")
+        defaults = dict(lr=lr, weight_decay=weight_decay, cg_max_iters=cg_max_iters, cg_min_iters=cg_min_iters,
+                        cg_tol=cg_tol, cg_decay=cg_decay, backtracking_factor=backtracking_factor,
+                        line_search_c=line_search_c, line_search_beta=line_search_beta,
+                        line_search_max_evals=line_search_max_evals, trust_radius=trust_radius)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for key in _GLOBAL:
+                if group[key] != defaults[key]:
+                    raise ValueError(
+                        f"HessianFree solves one joint quadratic: '{key}' must be the same in all parameter "
+                        f"groups (got {group[key]!r} and {defaults[key]!r}); only weight_decay may differ"
+                    )
+            if not group["weight_decay"] >= 0:
+                raise ValueError(f"Invalid weight_decay: {group['weight_decay']} (must be >= 0)")
+            for p in group["params"]:
+                if p.layout != torch.strided:
+                    raise ValueError("HessianFree does not support sparse parameters")
+        self.curvature = curvature
+        self.damping = damping
+        self.preconditioner = preconditioner
+        self.cg_check_every = cg_check_every
+        self.loss_hvp = loss_hvp
+        self.last_step: StepDiagnostics | None = None
+        self.history: list[StepDiagnostics] = []
+
+    # -- flat helpers -------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        ps = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not ps:
+            raise ValueError("HessianFree has no parameter that requires grad")
+        dtypes = {p.dtype for p in ps}
+        devices = {p.device for p in ps}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"all parameters must share one dtype and device, got {dtypes} on {devices}")
+        return ps
+
+    def _weight_decay_vector(self, params: list[Tensor]) -> Tensor | float:
+        rates = [(g["weight_decay"], [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        if len({r for r, _ in rates}) == 1:
+            return float(rates[0][0])
+        return torch.cat([torch.full((p.numel(),), float(r), dtype=p.dtype, device=p.device)
+                          for r, ps in rates for p in ps])
+
+    @staticmethod
+    def _write(params: list[Tensor], flat: Tensor) -> None:
+        for p, v in zip(params, _flat.unflatten(flat, params)):
+            p.copy_(v)
+
+    def _state(self) -> dict:
+        return self.state[self._params()[0]]
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.param_groups and self._params():
+            st = self._state()
+            st["damping"] = self.damping.state_dict()
+            st["preconditioner"] = self.preconditioner.state_dict()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        st = self._state()
+        if "damping" in st:
+            self.damping.load_state_dict(st["damping"])
+        if "preconditioner" in st:
+            self.preconditioner.load_state_dict(st["preconditioner"])
+
+    # -- the step ----------------------------------------------------------------------
+    def _objective(self, closure: Callable, params: list[Tensor], weight_decay) -> float:
+        """f at the current parameters (trial points: no graph), +inf if non-finite."""
+        with torch.no_grad():
+            result = closure()
+        loss = result[0] if isinstance(result, (tuple, list)) else result
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError("the closure must return a scalar loss tensor (or (loss, outputs))")
+        value = float(loss)
+        if _nonzero(weight_decay):
+            theta = torch.cat([p.reshape(-1) for p in params])
+            value += 0.5 * float((weight_decay * theta * theta).sum())
+        return value if math.isfinite(value) else math.inf
+
+    @torch.no_grad()
+    def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:  # type: ignore[override]
+        """One HF iteration (Algorithm 3). Returns the loss before the update.
+
+        Args:
+            closure: ``() -> (loss, outputs)`` on the gradient batch, no ``backward()``.
+            curvature_closure: the same on a (usually smaller) curvature batch (§12.1);
+                the gradient batch is used when ``None``.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError("HessianFree.step requires a closure: step(closure)")
+        t_start = time.perf_counter()
+        times: dict[str, float] = {}
+        group = self.param_groups[0]
+        params = self._params()
+        state = self._state()
+        state.setdefault("step", 0)
+        wd = self._weight_decay_vector(params)
+        has_wd = _nonzero(wd)
+        op_cls = GGN if self.curvature == "ggn" else Hessian
+        op_kwargs = {"loss_hvp": self.loss_hvp} if op_cls is GGN else {}
+
+        # 1-2: gradient, loss and the curvature operator (NonFiniteLossError leaves θ as is).
+        t = time.perf_counter()
+        curv_closure = self.damping.augment_closure(curvature_closure or closure)
+        op = op_cls(params, curv_closure, **op_kwargs)
+        if curvature_closure is None and curv_closure is closure:
+            f_loss, f_grad = op.loss, op.grad
+        else:
+            loss_t, _ = evaluate_closure(closure, need_outputs=False)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss_t, params, allow_unused=True)
+            f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
+        theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+        loss_before = float(f_loss)
+        grad = f_grad
+        if has_wd:
+            grad = grad + wd * theta0
+            loss_before += 0.5 * float((wd * theta0 * theta0).sum())
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteLossError("the gradient is not finite at the current parameters")
+        times["gradient_and_curvature"] = time.perf_counter() - t
+
+        # 3: damping and preconditioner for this step.
+        t = time.perf_counter()
+        lam = self.damping.value
+        self.damping.prepare(DampingContext(curvature=op, params=params))
+        self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd))
+        times["preconditioner"] = time.perf_counter() - t
+
+        products = [0]
+
+        def damped_mv(v: Tensor) -> Tensor:
+            products[0] += 1
+            out = op.mv(v) + self.damping.mv(v)
+            return out + wd * v if has_wd else out
+
+        # 4: CG from ζ·δ₍k−1₎ (§10).
+        t = time.perf_counter()
+        prev = state.get("delta")
+        x0 = prev * group["cg_decay"] if (prev is not None and group["cg_decay"] > 0 and prev.shape == grad.shape) else None
+        b = -grad
+        factor = group["backtracking_factor"] or 1e9  # None: only the last iterate is kept
+        trust_metric = self.preconditioner.diagonal() if group["trust_radius"] is not None else None
+        cg_kwargs = dict(precondition=self.preconditioner.solve, max_iters=group["cg_max_iters"],
+                         min_iters=group["cg_min_iters"], tol=group["cg_tol"], backtracking_factor=factor,
+                         trust_radius=group["trust_radius"], trust_metric=trust_metric,
+                         check_every=self.cg_check_every)
+        try:
+            result = cg(damped_mv, b, x0, **cg_kwargs)
+        except FloatingPointError:
+            if x0 is None:
+                raise
+            logger.warning("torch_hf: non-finite product at the CG initialisation; restarting CG from zero")
+            result = cg(damped_mv, b, None, **cg_kwargs)
+        times["cg"] = time.perf_counter() - t
+
+        # 5: CG-backtracking (§8.7): walk back from the last saved iterate while f improves.
+        t = time.perf_counter()
+        evals = 0
+
+        def f_at(delta: Tensor, alpha: float = 1.0) -> float:
+            nonlocal evals
+            evals += 1
+            self._write(params, theta0 + alpha * delta)
+            return self._objective(closure, params, wd)
+
+        saved = result.saved
+        if group["backtracking_factor"] is None:
+            saved = saved[-1:]
+        j, f_best = cg_backtracking([x for _, x, _ in saved], f_at)
+        backtracking_evals = evals
+        chosen_it, delta, q_chosen = saved[j]
+
+        # 6: ρ against the undamped model M(δ) = q(δ) − ½ δᵀλDδ (eq. 10), LM update of λ.
+        model_reduction = q_chosen - 0.5 * float(torch.dot(delta, self.damping.mv(delta)))
+        actual = f_best - loss_before
+        rho = actual / model_reduction if model_reduction < 0 else (-math.inf if math.isfinite(actual) else math.nan)
+        if not math.isfinite(f_best):
+            rho = math.nan
+        self.damping.update(rho)
+
+        # 7: Armijo line search (§8.8) on the chosen δ.
+        slope = float(torch.dot(grad, delta))
+        alpha, f_new = 1.0, f_best
+        c = group["line_search_c"]
+        if slope >= 0 or not math.isfinite(slope):
+            alpha, f_new = 0.0, loss_before  # not a descent direction: no step
+        elif c is not None:
+            tries = 0
+            while not (f_new <= loss_before + c * alpha * slope):
+                if tries >= group["line_search_max_evals"]:
+                    alpha, f_new = 0.0, loss_before
+                    break
+                alpha *= group["line_search_beta"]
+                f_new = f_at(delta, alpha)
+                tries += 1
+        elif not math.isfinite(f_new):
+            alpha, f_new = 0.0, loss_before
+        times["backtracking_and_line_search"] = time.perf_counter() - t
+
+        # 8: the update (exact restore when rejected).
+        step_scale = alpha * group["lr"]
+        # The parameters hold the last trial point: write the chosen one (θ₀ itself, bit
+        # for bit, when the step is rejected).
+        self._write(params, theta0 if step_scale == 0.0 else theta0 + step_scale * delta)
+        if step_scale != alpha:  # lr != 1: f at the final point is not the one measured
+            f_new = float("nan")
+        state["step"] += 1
+        state["delta"] = result.x.detach().clone()  # CG's final iterate initialises the next run (§10)
+        state["damping"] = self.damping.state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+
+        diag = StepDiagnostics(
+            step=state["step"], loss_before=loss_before, loss_after=f_new, rho=rho, damping=lam,
+            damping_next=self.damping.value, cg_iterations=result.iterations, cg_stop_reason=result.stop_reason,
+            chosen_iteration=chosen_it, line_search_alpha=alpha, predicted_reduction=model_reduction,
+            directional_derivative=slope,
+            curvature_products=products[0], objective_evaluations=evals, backtracking_evaluations=backtracking_evals,
+            line_search_evaluations=evals - backtracking_evals, grad_norm=float(grad.norm()),
+            step_norm=float(delta.norm()) * step_scale, accepted=step_scale > 0,
+            wall_time_s=time.perf_counter() - t_start, times=times,
+        )
+        self.last_step = diag
+        self.history.append(diag)
+        logger.debug("torch_hf step %d: loss %.6g -> %.6g, rho %.3g, lambda %.3g, cg %d (%s), alpha %.3g",
+                     diag.step, diag.loss_before, diag.loss_after, rho, lam, result.iterations,
+                     result.stop_reason, alpha)
+        return f_loss
+
+
+def cg_backtracking(iterates: list[Tensor], objective: Callable[[Tensor], float]) -> tuple[int, float]:
+    """CG-backtracking (§8.7, Martens 2010): evaluate the objective at the last saved
+    iterate, then walk back through earlier ones while it keeps decreasing.
+
+    Returns the index of the chosen iterate and its objective value. Non-finite values
+    count as +inf, so a diverged tail is walked past.
+    """
+    if not iterates:
+        raise ValueError("no CG iterates to choose from")
+    j = len(iterates) - 1
+    best = objective(iterates[j])
+    while j > 0:
+        previous = objective(iterates[j - 1])
+        if previous < best or not math.isfinite(best):
+            best, j = previous, j - 1
+        else:
+            break
+    return j, best
+
+
+def _nonzero(wd) -> bool:
+    return bool(wd.any()) if isinstance(wd, Tensor) else wd != 0
