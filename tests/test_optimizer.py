@@ -123,7 +123,7 @@ def test_cg_backtracking_walks_back_while_the_objective_improves():
     assert (index, best) == (0, 1.0)
 
 
-def _overshooting_problem():
+def _overshooting_problem(scale=0.1):
     """Curvature from a batch whose curvature is far too small, so later CG iterates overshoot."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def _overshooting_problem():
 
     def curvature_closure():
         z = model(x[:4])
-        return F.binary_cross_entropy_with_logits(z, t[:4], reduction="sum") * 1e-3, z
+        return F.binary_cross_entropy_with_logits(z, t[:4], reduction="sum") * scale / 4, z
 
     return model, closure, curvature_closure
 
