@@ -172,7 +172,7 @@ def test_step_chooses_the_backtracked_iterate_and_reports_it():
 
 def test_line_search_shrinks_a_step_that_fails_armijo():
     model, closure, curvature_closure = _overshooting_problem()
-    opt = HessianFree(model.parameters(), damping=Tikhonov(1e-6, adapt=None), preconditioner=Identity(),
+    opt = HessianFree(model.parameters(), damping=Tikhonov(1e-2, adapt=None), preconditioner=Identity(),
                       cg_max_iters=40, cg_tol=0.0, backtracking_factor=None)
     loss0 = closure()[0].item()
     opt.step(closure, curvature_closure)
