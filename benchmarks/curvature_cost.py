@@ -25,8 +25,8 @@ from torch.func import functional_call, linearize, vjp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_hf  # noqa: E402
-from benchmarks._timing import interleaved  # noqa: E402
-from recipes.models import MNIST_LAYERS, deep_autoencoder  # noqa: E402
+from benchmarks._common import interleaved, mnist_autoencoder_problem, synchronizer  # noqa: E402
+from recipes.models import MNIST_LAYERS  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -39,15 +39,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    model = deep_autoencoder(MNIST_LAYERS).to(device)
-    x = torch.rand(args.batch, 784, device=device)
+    model, x, closure = mnist_autoencoder_problem(args.batch, args.device)
     params = list(model.parameters())
-
-    def closure():
-        z = model(x)
-        return F.binary_cross_entropy_with_logits(z, x), z
 
     def closure_generic_loss():  # the scaling hides the matching loss: L'' by autograd
         z = model(x)
@@ -78,7 +72,7 @@ def main(argv=None) -> dict:
 
     err = float((func_mv() - ggn.mv(v)).norm() / ggn.mv(v).norm())
     err_generic = float((ggn_generic.mv(v) - ggn.mv(v)).norm() / ggn.mv(v).norm())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
 
     def timed(fn):
         def run():

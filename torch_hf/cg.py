@@ -124,9 +124,9 @@ def cg(
         raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
     solve = precondition if precondition is not None else (lambda r: r)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = (mv(x) - b) if x0 is not None else -b.clone()
+    r = (mv(x) - b) if x0 is not None else -b  # fresh tensors: r is updated in place
     y = solve(r)
-    p = -y
+    p = -y  # a fresh tensor: updated in place below
     ry = torch.dot(r, y)
     save_at = set(backtracking_schedule(max_iters, backtracking_factor))
     # Per-iteration scalars stay on the device and are read back every check_every steps.
@@ -141,6 +141,7 @@ def cg(
     saved: list[tuple[int, Tensor]] = []
     stop_reason = "max_iters"
     i = 0
+    eager = check_every == 1  # checking every iteration anyway: stop on bad curvature at once
     while i < max_iters:
         ap = mv(p)
         pap = torch.dot(p, ap)
@@ -148,11 +149,18 @@ def cg(
         finite = finite & torch.isfinite(pap)
         good = good & ok
         ok_dev[i + 1] = good
-        # A bad product freezes x and r (α = 0, A p masked) until the next check stops CG.
-        alpha = torch.where(good, ry / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-        ap = ap.masked_fill(~good, 0.0)
+        if eager and not bool(good):
+            i += 1
+            stop_reason = "bad"
+            break
+        if eager:
+            alpha = ry / pap
+        else:
+            # A bad product freezes x and r (α = 0, A p masked) until the next check stops CG.
+            alpha = torch.where(good, ry / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+            ap = ap.masked_fill(~good, 0.0)
         if trust_radius is not None:
-            x_next = x + alpha * p
+            x_next = torch.addcmul(x, alpha, p)
             w = trust_metric if trust_metric is not None else 1.0
             if not bool(good) or float((x_next * w * x_next).sum()) > trust_radius**2:
                 x = x + _boundary_step(x, p, trust_radius, trust_metric) * p
@@ -163,10 +171,12 @@ def cg(
                 stop_reason = "trust_region"
                 saved.append((i, x))
                 break
-        x = x + alpha * p
-        r = r + alpha * ap
+            x = x_next
+        else:
+            x = torch.addcmul(x, alpha, p)  # out of place: saved iterates must not change
+        r.addcmul_(alpha, ap)
         i += 1
-        q_dev[i] = 0.5 * torch.dot(r - b, x)
+        q_dev[i] = 0.5 * (torch.dot(r, x) - torch.dot(b, x))
         if i in save_at:
             saved.append((i, x))
         if i % check_every == 0 or i == max_iters:
@@ -184,7 +194,7 @@ def cg(
         y = solve(r)
         ry_next = torch.dot(r, y)
         beta = ry_next / torch.where(ry != 0, ry, torch.ones_like(ry))
-        p = -y + beta * p
+        p.mul_(beta).sub_(y)
         ry = ry_next
     last = i
     if stop_reason == "bad":

@@ -297,11 +297,23 @@ class HessianFree(torch.optim.Optimizer):
         times["preconditioner"] = time.perf_counter() - t
 
         products = [0]
+        damping_diagonal = self.damping.diagonal()
+        if damping_diagonal is not None:
+            # λD diagonal: fold it and the weight decay into one fused pass per product.
+            shift = damping_diagonal + wd
 
-        def damped_mv(v: Tensor) -> Tensor:
-            products[0] += 1
-            out = op.mv(v) + self.damping.mv(v)
-            return out + wd * v if has_wd else out
+            def damped_mv(v: Tensor) -> Tensor:
+                products[0] += 1
+                out = op.mv(v)
+                return out.addcmul_(shift, v) if isinstance(shift, Tensor) else out.add_(v, alpha=shift)
+        else:
+
+            def damped_mv(v: Tensor) -> Tensor:
+                products[0] += 1
+                out = op.mv(v).add_(self.damping.mv(v))
+                if not has_wd:
+                    return out
+                return out.addcmul_(wd, v) if isinstance(wd, Tensor) else out.add_(v, alpha=wd)
 
         # 4: CG from ζ·δ₍k−1₎ (§10).
         t = time.perf_counter()
