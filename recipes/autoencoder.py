@@ -1,0 +1,284 @@
+"""Deep autoencoders of Martens (2010), trained with HF or a first-order baseline.
+
+    python recipes/autoencoder.py                      # CURVES, HF, default time budget
+    python recipes/autoencoder.py --optimizer adam --lr 1e-3
+    python recipes/autoencoder.py --dataset mnist --data-dir ~/mnist
+    python recipes/autoencoder.py --full               # the paper's schedule, no time budget
+
+Architectures (mirrored decoders, logistic hidden units, linear code layer, sigmoid
+cross-entropy output with the logits fed to the loss, §6.2; sparse initialization with
+15 incoming weights per unit):
+
+* CURVES 784-400-200-100-50-25-6 (data generated, see ``recipes/data.py``)
+* MNIST 784-1000-500-250-30
+
+Error as in the papers: mean over cases of the summed squared reconstruction error on
+the 0..1 pixel scale. Results go to ``--out`` as JSON (``{"config", "history",
+"final"}``) and a PNG of training error against wall time and epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_hf`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch_hf  # noqa: E402
+from recipes.data import load_curves, load_mnist  # noqa: E402
+from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
+from recipes.plot import plot_results  # noqa: E402
+
+DEFAULT_TIME_BUDGET = 480.0
+LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
+DEFAULTS = {  # per optimizer: batch size, learning rate
+    "hf": {"batch_size": 5000, "lr": 1.0},
+    "adam": {"batch_size": 200, "lr": 1e-3},
+    "sgd": {"batch_size": 200, "lr": 1e-2},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Default: CURVES with HF for a {DEFAULT_TIME_BUDGET:.0f} s training-time budget (about 10 minutes "
+               "in all on a 2-core CPU, data generation and evaluations included).")
+    ap.add_argument("--dataset", choices=["curves", "mnist"], default="curves")
+    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
+    ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
+                    help=f"seconds of training (evaluation excluded); 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
+    ap.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
+    ap.add_argument("--full", action="store_true",
+                    help="the paper's HF schedule: gradient on the whole training set, curvature on a quarter, "
+                         "CG up to 250, lambda 45, no time budget, 1000 iterations unless --max-iters")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="gradient minibatch (default: hf 5000, adam/sgd 200); 0 means the whole training set")
+    ap.add_argument("--curvature-batch-size", type=int, default=1000,
+                    help="HF curvature minibatch, a subset of the gradient batch (§12.1; default 1000)")
+    ap.add_argument("--cg-max-iters", type=int, default=50, help="HF: most CG iterations (default 50)")
+    ap.add_argument("--cg-tol", type=float, default=1e-4,
+                    help="HF: relative-progress tolerance of CG (§4; the paper's 1e-4; 0 runs every CG step)")
+    ap.add_argument("--damping", type=float, default=45.0, help="HF: initial Tikhonov lambda (default 45)")
+    ap.add_argument("--cg-decay", type=float, default=0.95, help="HF: zeta of the CG initialisation (§10)")
+    ap.add_argument("--preconditioner", choices=["ggn", "fisher", "none"], default="ggn",
+                    help="HF: GGN-diagonal (§11.4), empirical Fisher (§11.3) or none")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (adam 1e-3, sgd 1e-2; HF: step multiplier 1)")
+    ap.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (default 0.9)")
+    ap.add_argument("--weight-decay", type=float, default=2e-5, help="L2 coefficient, the same for every optimizer")
+    ap.add_argument("--train-size", type=int, default=None, help="use only this many training cases")
+    ap.add_argument("--test-size", type=int, default=None, help="use only this many test cases")
+    ap.add_argument("--eval-every", type=float, default=None,
+                    help="seconds of training between evaluations (default: budget/40, or every 10 iterations)")
+    ap.add_argument("--data-dir", default=None, help="MNIST IDX directory; cache directory for CURVES")
+    ap.add_argument("--download", action="store_true", help="MNIST: let torchvision download the IDX files")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results", help="directory for the JSON and PNG (default results/)")
+    ap.add_argument("--tag", default=None, help="suffix of the output file names")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def load_data(dataset: str, data_dir: str | None, download: bool, train_size: int | None = None,
+              test_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if dataset == "curves":  # the data set is fixed (seed 0); --seed varies the training
+        return load_curves(data_dir, n_train=train_size or 20000, n_test=test_size or 10000, seed=0)
+    if data_dir is None:
+        raise SystemExit("MNIST needs --data-dir (a directory with the IDX files; add --download to fetch them)")
+    return load_mnist(data_dir, download=download)
+
+
+def evaluate_set(model: torch.nn.Module, x: torch.Tensor, chunk: int = 5000) -> tuple[float, float]:
+    """(per-case summed BCE, the training loss without weight decay; reconstruction error:
+    mean over cases of the summed squared error of sigmoid(logits) on the 0..1 scale)."""
+    bce = err = 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), chunk):
+            xb = x[start : start + chunk]
+            z = model(xb)
+            bce += float(F.binary_cross_entropy_with_logits(z, xb, reduction="sum"))
+            err += float(((torch.sigmoid(z) - xb) ** 2).sum())
+    return bce / len(x), err / len(x)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    cfg = vars(args).copy()
+    defaults = DEFAULTS[cfg["optimizer"]]
+    if cfg["full"]:
+        cfg.update(time_budget=0.0, batch_size=cfg["batch_size"] if cfg["batch_size"] is not None else 0,
+                   cg_max_iters=250, max_iters=cfg["max_iters"] or 1000)
+    if cfg["batch_size"] is None:
+        cfg["batch_size"] = defaults["batch_size"]
+    if cfg["lr"] is None:
+        cfg["lr"] = defaults["lr"]
+    return cfg
+
+
+def run(cfg: dict, progress: bool = True) -> dict:
+    """Train as ``cfg`` says (the parsed CLI as a dict); returns the results dict."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    train_np, test_np = load_data(cfg["dataset"], cfg.get("data_dir"), cfg.get("download", False),
+                                  cfg.get("train_size"), cfg.get("test_size"))
+    if cfg.get("train_size"):
+        train_np = train_np[: cfg["train_size"]]
+    if cfg.get("test_size"):
+        test_np = test_np[: cfg["test_size"]]
+    x_train = torch.from_numpy(np.ascontiguousarray(train_np)).to(device)
+    x_test = torch.from_numpy(np.ascontiguousarray(test_np)).to(device)
+    n = len(x_train)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = deep_autoencoder(LAYERS[cfg["dataset"]], generator=gen).to(device)
+    batch = n if cfg["batch_size"] in (0, None) or cfg["batch_size"] >= n else cfg["batch_size"]
+    if cfg["full"] and cfg["optimizer"] == "hf":
+        curv_batch = max(1, n // 4)
+    else:
+        curv_batch = min(cfg["curvature_batch_size"], batch)
+    wd = cfg["weight_decay"]
+
+    if cfg["optimizer"] == "hf":
+        pre = {"ggn": torch_hf.preconditioners.GGNDiagonal(0.75),
+               "fisher": torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75),
+               "none": torch_hf.preconditioners.Identity()}[cfg["preconditioner"]]
+        opt = torch_hf.HessianFree(model.parameters(), damping=torch_hf.damping.Tikhonov(cfg["damping"]),
+                                   preconditioner=pre, lr=cfg["lr"], weight_decay=wd,
+                                   cg_max_iters=cfg["cg_max_iters"], cg_tol=cfg["cg_tol"], cg_decay=cfg["cg_decay"])
+    elif cfg["optimizer"] == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=wd)
+
+    budget = cfg["time_budget"] or 0.0
+    max_iters = cfg.get("max_iters")
+    if budget <= 0 and not max_iters:
+        raise SystemExit("give a --time-budget or --max-iters")
+    eval_every = cfg.get("eval_every") or (budget / 40 if budget > 0 else None)
+    history: list[dict] = []
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+
+    def next_batch() -> torch.Tensor:
+        nonlocal perm, cursor
+        if batch == n:
+            return x_train
+        if cursor + batch > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor : cursor + batch].to(device)
+        cursor += batch
+        return x_train[idx]
+
+    def evaluate(it: int, train_time: float, cases: int, extra: dict) -> dict:
+        train_loss, train_error = evaluate_set(model, x_train)
+        row = {"iter": it, "time_s": round(train_time, 3), "epoch": cases / n, "train_loss": train_loss,
+               "train_error": train_error, "test_error": evaluate_set(model, x_test)[1]}
+        row.update(extra)
+        history.append(row)
+        return row
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget > 0 else None
+        bar = tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it",
+                   desc=f"{cfg['dataset']} {cfg['optimizer']}", dynamic_ncols=True, bar_format=fmt)
+    train_time, cases, it, last_eval = 0.0, 0, 0, -math.inf
+    evaluate(0, 0.0, 0, {})
+    status = "budget"
+    while True:
+        if max_iters and it >= max_iters:
+            status = "max_iters"
+            break
+        if budget > 0 and train_time >= budget:
+            break
+        t0 = time.perf_counter()
+        xb = next_batch()
+        extra: dict = {}
+        if cfg["optimizer"] == "hf":
+            xc = xb[:curv_batch]
+
+            def closure():
+                z = model(xb)
+                return F.binary_cross_entropy_with_logits(z, xb), z
+
+            def curvature_closure():
+                z = model(xc)
+                return F.binary_cross_entropy_with_logits(z, xc), z
+
+            opt.step(closure, curvature_closure if curv_batch < len(xb) else None)
+            d = opt.last_step
+            extra = {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations,
+                     "line_search_alpha": d.line_search_alpha}
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = F.binary_cross_entropy_with_logits(model(xb), xb)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        cases += len(xb)
+        it += 1
+        if bar is not None:
+            bar.update(min(dt, max(budget - bar.n, 0)) if budget > 0 else 1)
+        due = (eval_every is not None and train_time - last_eval >= eval_every) or \
+              (eval_every is None and it % 10 == 0)
+        if due or cfg["optimizer"] == "hf" and eval_every is None:
+            row = evaluate(it, train_time, cases, extra)
+            last_eval = train_time
+            if bar is not None:
+                bar.set_postfix(train_err=f"{row['train_error']:.3f}", test_err=f"{row['test_error']:.3f}")
+        if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
+            status = "diverged"
+            break
+    if bar is not None:
+        bar.close()
+    if not history or history[-1]["iter"] != it:
+        evaluate(it, train_time, cases, {})
+    final = dict(history[-1])
+    final.update(iterations=it, status=status, parameters=sum(p.numel() for p in model.parameters()),
+                 train_cases=n, test_cases=len(x_test), torch_threads=torch.get_num_threads())
+    cfg_out = {k: v for k, v in cfg.items() if k not in ("no_progress",)}
+    cfg_out.update(gradient_batch=batch, curvature_batch=curv_batch if cfg["optimizer"] == "hf" else None)
+    return {"config": cfg_out, "history": history, "final": final}
+
+
+def output_paths(cfg: dict) -> tuple[Path, Path]:
+    stem = f"autoencoder_{cfg['dataset']}_{cfg['optimizer']}_seed{cfg['seed']}"
+    if cfg.get("tag"):
+        stem += f"_{cfg['tag']}"
+    out = Path(cfg["out"])
+    return out / f"{stem}.json", out / f"{stem}.png"
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg = _config(args)
+    result = run(cfg, progress=not args.no_progress)
+    json_path, png_path = output_paths(cfg)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    plot_results([str(json_path)], str(png_path),
+                 title=f"{cfg['dataset'].upper()} autoencoder, {cfg['optimizer']}")
+    f = result["final"]
+    print(f"{cfg['optimizer']} on {cfg['dataset']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
+          f"train error {f['train_error']:.4f}, test error {f['test_error']:.4f} -> {json_path}, {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Plot recipe results: training (solid) and test (dashed) error against wall time and
+against epochs, one curve per result file.
+
+    python recipes/plot.py results/*.json --out results/comparison.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+
+def _label(result: dict, path: str) -> str:
+    cfg = result.get("config", {})
+    name = cfg.get("optimizer", Path(path).stem)
+    extra = f" lr={cfg['lr']:g}" if cfg.get("optimizer") in ("adam", "sgd") and "lr" in cfg else ""
+    return f"{name}{extra}"
+
+
+def plot_results(paths: Sequence[str], out: str, title: str | None = None, metric: str = "train_error") -> str:
+    """Write a PNG with ``metric`` (and ``test_error``) against time and epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, path in enumerate(paths):
+        with open(path) as fh:
+            result = json.load(fh)
+        rows = [r for r in result["history"] if r.get(metric) is not None]
+        if not rows:
+            continue
+        color = f"C{i}"
+        label = _label(result, path)
+        for ax, key in zip(axes, ("time_s", "epoch")):
+            ax.plot([r[key] for r in rows], [r[metric] for r in rows], color=color, label=f"{label} train")
+            test = [r for r in rows if r.get("test_error") is not None]
+            if test:
+                ax.plot([r[key] for r in test], [r["test_error"] for r in test], color=color, ls="--",
+                        label=f"{label} test")
+    for ax, xlabel in zip(axes, ("training wall time (s)", "epochs")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="result JSON files written by a recipe")
+    ap.add_argument("--out", default="results/comparison.png")
+    ap.add_argument("--title", default=None)
+    ap.add_argument("--metric", default="train_error")
+    args = ap.parse_args(argv)
+    print(plot_results(args.results, args.out, args.title, args.metric))
+
+
+if __name__ == "__main__":
+    main()

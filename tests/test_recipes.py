@@ -1,0 +1,63 @@
+"""Recipe smoke tests: the autoencoder CLI end to end on tiny generated data, and plotting."""
+import json
+
+import pytest
+
+from recipes import autoencoder
+from recipes.plot import plot_results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(tmp_path, optimizer, extra=()):
+    argv = ["--optimizer", optimizer, "--max-iters", "2", "--time-budget", "0", "--train-size", "120",
+            "--test-size", "40", "--batch-size", "60", "--curvature-batch-size", "30", "--cg-max-iters", "4",
+            "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress", *extra]
+    return autoencoder.main(argv)
+
+
+@pytest.mark.parametrize("optimizer", ["hf", "adam", "sgd"])
+def test_autoencoder_recipe_writes_json_and_png(tmp_path, optimizer):
+    result = _run(tmp_path, optimizer)
+    json_path = tmp_path / "out" / f"autoencoder_curves_{optimizer}_seed0.json"
+    png_path = tmp_path / "out" / f"autoencoder_curves_{optimizer}_seed0.png"
+    saved = json.loads(json_path.read_text())
+    assert set(saved) == {"config", "history", "final"}
+    assert saved["final"]["iterations"] == 2 and saved["final"]["status"] == "max_iters"
+    assert saved["config"]["optimizer"] == optimizer
+    rows = saved["history"]
+    assert rows[0]["iter"] == 0 and rows[-1]["iter"] == 2
+    for row in rows:
+        assert {"iter", "time_s", "epoch", "train_loss", "train_error", "test_error"} <= set(row)
+        assert row["train_error"] > 0 and row["test_error"] > 0
+    assert rows[-1]["epoch"] == pytest.approx(2 * 60 / 120)
+    assert result["final"]["train_error"] == rows[-1]["train_error"]
+    data = png_path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 2000
+
+
+def test_hf_recipe_reduces_the_training_error(tmp_path):
+    result = _run(tmp_path, "hf", ["--max-iters", "4", "--damping", "1"])
+    rows = result["history"]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all("rho" in r for r in rows[1:-1] if r["iter"] > 0)
+
+
+def test_help_states_the_default_time_budget():
+    text = autoencoder.build_parser().format_help()
+    assert f"{autoencoder.DEFAULT_TIME_BUDGET:.0f}" in text and "--full" in text
+
+
+def test_full_flag_selects_the_paper_schedule():
+    cfg = autoencoder._config(autoencoder.build_parser().parse_args(["--full"]))
+    assert cfg["time_budget"] == 0 and cfg["cg_max_iters"] == 250 and cfg["batch_size"] == 0
+    assert cfg["max_iters"] == 1000
+
+
+def test_plot_several_results(tmp_path):
+    paths = []
+    for opt in ("hf", "adam"):
+        _run(tmp_path, opt)
+        paths.append(str(tmp_path / "out" / f"autoencoder_curves_{opt}_seed0.json"))
+    out = plot_results(paths, str(tmp_path / "both.png"), title="both")
+    assert (tmp_path / "both.png").read_bytes().startswith(PNG_MAGIC)
