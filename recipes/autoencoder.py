@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of training between evaluations (default: budget/40, or every 10 iterations)")
     ap.add_argument("--data-dir", default=None, help="MNIST IDX directory; cache directory for CURVES")
     ap.add_argument("--download", action="store_true", help="MNIST: let torchvision download the IDX files")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="HF only: data parallelism under torchrun (gloo on CPU, NCCL on CUDA); each process "
+                         "holds 1/N of every gradient and curvature batch")
+    ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                    help="HF: run the closure's forward pass under torch.autocast (CG vectors stay float32)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results", help="directory for the JSON and PNG (default results/)")
@@ -96,6 +102,13 @@ def load_data(dataset: str, data_dir: str | None, download: bool, train_size: in
     if data_dir is None:
         raise SystemExit("MNIST needs --data-dir (a directory with the IDX files; add --download to fetch them)")
     return load_mnist(data_dir, download=download)
+
+
+def objective(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The training loss of Martens (2010): sigmoid cross-entropy summed over the pixels,
+    averaged over the cases (the scale the paper's λ = 45 and weight decay 2e-5 refer to;
+    a per-pixel mean would make the same weight decay 784 times stronger)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
 
 
 def evaluate_set(model: torch.nn.Module, x: torch.Tensor, chunk: int = 5000) -> tuple[float, float]:
@@ -124,13 +137,29 @@ def _config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def run(cfg: dict, progress: bool = True) -> dict:
-    """Train as ``cfg`` says (the parsed CLI as a dict); returns the results dict."""
+def run(cfg: dict, progress: bool = True) -> dict | None:
+    """Train as ``cfg`` says (the parsed CLI as a dict); returns the results dict (``None``
+    on the processes other than rank 0 of a ``--distributed`` run)."""
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    train_np, test_np = load_data(cfg["dataset"], cfg.get("data_dir"), cfg.get("download", False),
-                                  cfg.get("train_size"), cfg.get("test_size"))
+    if cfg.get("tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rank, world = 0, 1
+    if cfg.get("distributed"):
+        device, rank, world = _init_distributed(cfg, device)
+        progress = progress and rank == 0
+    if rank == 0:  # rank 0 generates and caches the data first; the others then read the cache
+        train_np, test_np = load_data(cfg["dataset"], cfg.get("data_dir"), cfg.get("download", False),
+                                      cfg.get("train_size"), cfg.get("test_size"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            train_np, test_np = load_data(cfg["dataset"], cfg.get("data_dir"), False,
+                                          cfg.get("train_size"), cfg.get("test_size"))
     if cfg.get("train_size"):
         train_np = train_np[: cfg["train_size"]]
     if cfg.get("test_size"):
@@ -148,6 +177,10 @@ def run(cfg: dict, progress: bool = True) -> dict:
         curv_batch = min(cfg["curvature_batch_size"], batch)
     wd = cfg["weight_decay"]
 
+    if world > 1 and (batch % world or curv_batch % world):
+        raise SystemExit(f"--distributed: the gradient batch ({batch}) and curvature batch ({curv_batch}) must be "
+                         f"multiples of the number of processes ({world})")
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("autocast") or "none"]
     if cfg["optimizer"] == "hf":
         pre = {"ggn": torch_hf.preconditioners.GGNDiagonal(0.75),
                "fisher": torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75),
@@ -195,35 +228,47 @@ def run(cfg: dict, progress: bool = True) -> dict:
         bar = tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it",
                    desc=f"{cfg['dataset']} {cfg['optimizer']}", dynamic_ncols=True, bar_format=fmt)
     train_time, cases, it, last_eval = 0.0, 0, 0, -math.inf
-    evaluate(0, 0.0, 0, {})
+    if rank == 0:
+        evaluate(0, 0.0, 0, {})
     status = "budget"
     while True:
         if max_iters and it >= max_iters:
             status = "max_iters"
             break
-        if budget > 0 and train_time >= budget:
+        if _stop(budget > 0 and train_time >= budget, world):  # rank 0's clock decides for all
             break
         t0 = time.perf_counter()
         xb = next_batch()
         extra: dict = {}
         if cfg["optimizer"] == "hf":
-            xc = xb[:curv_batch]
+            if world > 1:  # this process's shard of both batches; the optimizer averages over shards
+                xb_local = xb[rank * (batch // world):(rank + 1) * (batch // world)]
+                xc = xb_local[: curv_batch // world]
+            else:
+                xb_local, xc = xb, xb[:curv_batch]
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                if autocast is None:
+                    return model(x)
+                with torch.autocast(device.type, dtype=autocast):
+                    return model(x).float()  # the loss and L'' in float32
 
             def closure():
-                z = model(xb)
-                return F.binary_cross_entropy_with_logits(z, xb), z
+                z = forward(xb_local)
+                return objective(z, xb_local), z
 
             def curvature_closure():
-                z = model(xc)
-                return F.binary_cross_entropy_with_logits(z, xc), z
+                z = forward(xc)
+                return objective(z, xc), z
 
-            opt.step(closure, curvature_closure if curv_batch < len(xb) else None)
+            opt.step(closure, curvature_closure if curv_batch < batch else None)
             d = opt.last_step
             extra = {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations,
+                     "cg_stop_reason": d.cg_stop_reason, "chosen_iteration": d.chosen_iteration,
                      "line_search_alpha": d.line_search_alpha}
         else:
             opt.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(model(xb), xb)
+            loss = objective(model(xb), xb)
             loss.backward()
             opt.step()
         if device.type == "cuda":
@@ -235,8 +280,8 @@ def run(cfg: dict, progress: bool = True) -> dict:
         if bar is not None:
             bar.update(min(dt, max(budget - bar.n, 0)) if budget > 0 else 1)
         due = (eval_every is not None and train_time - last_eval >= eval_every) or \
-              (eval_every is None and it % 10 == 0)
-        if due or cfg["optimizer"] == "hf" and eval_every is None:
+              (eval_every is None and (it % 10 == 0 or cfg["optimizer"] == "hf"))
+        if due and rank == 0:  # rank 0 evaluates and writes the results
             row = evaluate(it, train_time, cases, extra)
             last_eval = train_time
             if bar is not None:
@@ -246,6 +291,12 @@ def run(cfg: dict, progress: bool = True) -> dict:
             break
     if bar is not None:
         bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
     if not history or history[-1]["iter"] != it:
         evaluate(it, train_time, cases, {})
     final = dict(history[-1])
@@ -256,6 +307,34 @@ def run(cfg: dict, progress: bool = True) -> dict:
     return {"config": cfg_out, "history": history, "final": final}
 
 
+def _init_distributed(cfg: dict, device: torch.device) -> tuple[torch.device, int, int]:
+    """Join the torchrun group: NCCL and one GPU per process on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    if cfg["optimizer"] != "hf":
+        raise SystemExit("--distributed runs HF (the baselines would need DistributedDataParallel)")
+    if "RANK" not in os.environ:
+        raise SystemExit("--distributed: launch with torchrun --nproc_per_node=N recipes/autoencoder.py --distributed")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _stop(local: bool, world: int) -> bool:
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if local else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def output_paths(cfg: dict) -> tuple[Path, Path]:
     stem = f"autoencoder_{cfg['dataset']}_{cfg['optimizer']}_seed{cfg['seed']}"
     if cfg.get("tag"):
@@ -264,10 +343,12 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
     return out / f"{stem}.json", out / f"{stem}.png"
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = build_parser().parse_args(argv)
     cfg = _config(args)
     result = run(cfg, progress=not args.no_progress)
+    if result is None:  # not rank 0 of a distributed run
+        return None
     json_path, png_path = output_paths(cfg)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w") as fh:

@@ -18,6 +18,11 @@ CASES = {
                 "binary_cross_entropy"),
     "ce_mean": (lambda t: (lambda z: F.cross_entropy(z, t.argmax(1))), "cross_entropy"),
     "ce_sum": (lambda t: (lambda z: F.cross_entropy(z, t.argmax(1), reduction="sum")), "cross_entropy"),
+    "bce_sum_per_case": (lambda t: (lambda z: F.binary_cross_entropy_with_logits(z, t.sigmoid(), reduction="sum")
+                                    / z.shape[0]), "binary_cross_entropy"),
+    "mse_times_half": (lambda t: (lambda z: 0.5 * F.mse_loss(z, t)), "squared_error"),
+    "ce_times_tensor": (lambda t: (lambda z: torch.tensor(3.0, dtype=torch.float64) * F.cross_entropy(z, t.argmax(1))),
+                        "cross_entropy"),
     "ce_ignore_index": (lambda t: (lambda z: F.cross_entropy(z, torch.tensor([0, -100, 2, 1, -100]))),
                         "cross_entropy"),
 }
@@ -45,7 +50,10 @@ def test_closed_form_matches_autograd_hessian(case):
 @pytest.mark.parametrize(
     "loss_fn",
     [
-        lambda z, t: 0.5 * F.mse_loss(z, t),  # scaled: not a bare matching loss
+        lambda z, t: -0.5 * F.mse_loss(z, t),  # negative scale: concave
+        lambda z, t: F.mse_loss(z, t) / F.mse_loss(z, t).detach().requires_grad_(),  # not a constant
+        lambda z, t: 1.0 / F.mse_loss(z, t),  # loss in the denominator
+        lambda z, t: F.mse_loss(z, t) * (z.sum() ** 2),  # factor depends on the outputs
         lambda z, t: F.cross_entropy(z, t.softmax(1)),  # soft targets
         lambda z, t: F.cross_entropy(z, t.argmax(1), label_smoothing=0.1),
         lambda z, t: F.binary_cross_entropy_with_logits(z, t.sigmoid(), pos_weight=torch.ones(4)),

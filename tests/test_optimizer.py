@@ -406,3 +406,25 @@ def test_training_decreases_the_loss_with_fisher_preconditioner():
         opt.step(closure)
     assert closure()[0].item() < first - 0.02
     assert all(d.accepted for d in opt.history)
+
+
+def test_autocast_closure_keeps_cg_in_float32():
+    """autocast_dtype=bfloat16: the forward runs in bf16, the step stays float32 and descends."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    seen = []
+
+    def closure():
+        z = model(x)
+        seen.append(z.dtype)
+        return torch.nn.functional.cross_entropy(z.float(), y), z
+
+    opt = torch_hf.HessianFree(model.parameters(), autocast_dtype=torch.bfloat16, cg_max_iters=10)
+    losses = [float(opt.step(closure)) for _ in range(3)]
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert opt.state[next(iter(model.parameters()))]["delta"].dtype == torch.float32
+    assert losses[-1] < losses[0]
+    with pytest.raises(TypeError, match="autocast_dtype"):
+        torch_hf.HessianFree(model.parameters(), autocast_dtype="bf16")

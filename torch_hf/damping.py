@@ -67,6 +67,8 @@ class DampingContext:
 
     curvature: Any  # the step's curvature operator (GGN or Hessian)
     params: list[Tensor]
+    # Averages a per-process estimate over the data-parallel group (identity when single-process).
+    reduce: Callable[[Tensor], Tensor] = lambda t: t
 
 
 _LM = "levenberg-marquardt"
@@ -165,7 +167,7 @@ class ScaleSensitive(Damping):
         self.d: Tensor | None = None
 
     def prepare(self, context: DampingContext) -> None:
-        d = self.estimator.estimate(context.curvature).clamp_min(0)
+        d = context.reduce(self.estimator.estimate(context.curvature)).clamp_min(0)
         self.d = d + self.kappa * d.mean()
 
     def _require(self) -> Tensor:

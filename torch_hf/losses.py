@@ -69,12 +69,54 @@ def recognize(loss: Tensor, output: Tensor) -> MatchingLoss | None:
 
     Recognition reads the backward node that produced ``loss``: it must be one of
     the matching losses applied directly to ``output`` with a constant target.
+    A positive constant factor on top (``loss / N``, ``c * loss``) is folded in.
     Anything not recognised (sums of losses, label smoothing, class weights, soft
-    targets, scaling) returns ``None`` and the caller uses autograd instead.
+    targets) returns ``None`` and the caller uses autograd instead.
     """
     node, out_node = loss.grad_fn, output.grad_fn
     if node is None or out_node is None:
         return None
+    try:
+        node, scale = _strip_constant_scale(node)
+    except (AttributeError, RuntimeError):
+        return None
+    if node is None:
+        return None
+    found = _recognize_node(node, out_node, output)
+    if found is None or scale == 1.0:
+        return found
+    root_scale = scale**0.5
+    hvp, sqrt_hvp = found.hvp, found.sqrt_hvp
+    return MatchingLoss(found.name, lambda u: hvp(u) * scale, lambda v: sqrt_hvp(v) * root_scale)
+
+
+def _strip_constant_scale(node) -> tuple[object | None, float]:
+    """Peel ``loss * c``, ``c * loss`` and ``loss / c`` (c a positive constant) off the
+    top of the loss graph: ``F.binary_cross_entropy_with_logits(z, x, reduction="sum") / N``
+    is the per-case summed loss of the papers. Returns the inner node and the product
+    of the constants (``None`` node when the top is not such a scaling)."""
+    scale = 1.0
+    while type(node).__name__ in ("MulBackward0", "DivBackward0"):
+        nexts = [(i, n) for i, (n, _) in enumerate(node.next_functions) if n is not None]
+        if len(nexts) != 1:
+            return node, scale  # both factors depend on the parameters: not a constant scaling
+        index, inner = nexts[0]
+        const = node._saved_other if index == 0 else node._saved_self
+        if not isinstance(const, (Tensor, int, float)) or (isinstance(const, Tensor) and const.numel() != 1):
+            return None, scale
+        c = float(const)
+        if type(node).__name__ == "DivBackward0":
+            if index != 0:
+                return None, scale  # loss in the denominator
+            c = 1.0 / c if c != 0 else float("nan")
+        if not (c > 0 and c != float("inf")):
+            return None, scale
+        scale *= c
+        node = inner
+    return node, scale
+
+
+def _recognize_node(node, out_node, output: Tensor) -> MatchingLoss | None:
     kind = type(node).__name__
     try:
         if kind == "MseLossBackward0" and _only_input_is(node, out_node):

@@ -15,11 +15,12 @@ One call of :meth:`HessianFree.step` is one HF iteration:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -28,6 +29,8 @@ from . import _flat
 from .cg import cg
 from .curvature import GGN, Hessian, NonFiniteLossError, evaluate_closure
 from .damping import Damping, DampingContext, Tikhonov
+from .distributed import Reducer, resolve_process_group
+from .nn import OffloadActivations
 from .preconditioners import GGNDiagonal, Preconditioner
 
 __all__ = ["HessianFree", "StepDiagnostics", "cg_backtracking"]
@@ -98,6 +101,19 @@ class HessianFree(torch.optim.Optimizer):
         cg_check_every: CG reads its termination scalars on the host every this many
             iterations (1 costs nothing on CPU; raise it on GPUs).
         loss_hvp: optional declared L'' for the GGN (see :class:`torch_hf.GGN`).
+        process_group: data parallelism (:mod:`torch_hf.distributed`). ``None`` (default)
+            averages loss, gradient, curvature products, diagonal estimates and trial
+            objectives over the default ``torch.distributed`` group when one is
+            initialised with more than one process; a group object uses that group;
+            ``False`` never communicates. Each process's closure must return the mean
+            loss over its shard, shards of equal size; parameters are broadcast from
+            rank 0 on the first step.
+        offload_activations: keep the activations cached for CG in host memory and copy
+            them to the device for each product (§7.1; :class:`torch_hf.nn.OffloadActivations`).
+            A no-op for tensors already on the CPU.
+        autocast_dtype: run every closure call under ``torch.autocast`` with this dtype
+            (e.g. ``torch.bfloat16``) on the parameters' device type; gradients, CG
+            vectors and products stay in the parameters' dtype (float32).
 
     The closure takes no arguments and returns ``(loss, outputs)`` (or only ``loss`` for
     ``curvature="hessian"``) with no ``backward()`` inside; see DESIGN.md / the README.
@@ -131,6 +147,9 @@ class HessianFree(torch.optim.Optimizer):
         trust_radius: float | None = None,
         cg_check_every: int = 1,
         loss_hvp: Callable | None = None,
+        process_group: Any = None,
+        offload_activations: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
@@ -187,6 +206,14 @@ class HessianFree(torch.optim.Optimizer):
         self.preconditioner = preconditioner
         self.cg_check_every = cg_check_every
         self.loss_hvp = loss_hvp
+        self.process_group = process_group
+        if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+            raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {autocast_dtype!r}")
+        self.offload_activations = bool(offload_activations)
+        self.autocast_dtype = autocast_dtype
+        self.last_offload: OffloadActivations | None = None
+        self._reducer: Reducer | None = None
+        self._reducer_group: Any = None
         self.last_step: StepDiagnostics | None = None
         self.history: list[StepDiagnostics] = []
 
@@ -216,6 +243,24 @@ class HessianFree(torch.optim.Optimizer):
     def _state(self) -> dict:
         return self.state[self._params()[0]]
 
+    def _autocast(self, closure: Callable) -> Callable:
+        device_type = self._params()[0].device.type
+        dtype = self.autocast_dtype
+
+        def autocast_closure():
+            with torch.autocast(device_type, dtype=dtype):
+                return closure()
+
+        return autocast_closure
+
+    def _get_reducer(self) -> Reducer | None:
+        group = resolve_process_group(self.process_group)
+        if group is None:
+            return None
+        if self._reducer is None or self._reducer_group is not group:
+            self._reducer, self._reducer_group = Reducer(group), group
+        return self._reducer
+
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         if self.param_groups and self._params():
@@ -233,7 +278,8 @@ class HessianFree(torch.optim.Optimizer):
             self.preconditioner.load_state_dict(st["preconditioner"])
 
     # -- the step ----------------------------------------------------------------------
-    def _objective(self, closure: Callable, params: list[Tensor], weight_decay) -> float:
+    def _objective(self, closure: Callable, params: list[Tensor], weight_decay,
+                   reducer: Reducer | None = None) -> float:
         """f at the current parameters (trial points: no graph), +inf if non-finite."""
         with torch.no_grad():
             result = closure()
@@ -241,6 +287,8 @@ class HessianFree(torch.optim.Optimizer):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError("the closure must return a scalar loss tensor (or (loss, outputs))")
         value = float(loss)
+        if reducer is not None:
+            value = reducer.mean_float(value, params[0])
         if _nonzero(weight_decay):
             theta = torch.cat([p.reshape(-1) for p in params])
             value += 0.5 * float((weight_decay * theta * theta).sum())
@@ -257,6 +305,11 @@ class HessianFree(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise TypeError("HessianFree.step requires a closure: step(closure)")
+        if curvature_closure is not None and not callable(curvature_closure):
+            raise TypeError("curvature_closure must be callable or None")
+        if self.autocast_dtype is not None:
+            closure = self._autocast(closure)
+            curvature_closure = self._autocast(curvature_closure) if curvature_closure is not None else None
         t_start = time.perf_counter()
         times: dict[str, float] = {}
         group = self.param_groups[0]
@@ -267,18 +320,36 @@ class HessianFree(torch.optim.Optimizer):
         has_wd = _nonzero(wd)
         op_cls = GGN if self.curvature == "ggn" else Hessian
         op_kwargs = {"loss_hvp": self.loss_hvp} if op_cls is GGN else {}
+        reducer = self._get_reducer()
+        if reducer is not None and state["step"] == 0:
+            reducer.broadcast_parameters(params)
 
         # 1-2: gradient, loss and the curvature operator (NonFiniteLossError leaves θ as is).
         t = time.perf_counter()
         curv_closure = self.damping.augment_closure(curvature_closure or closure)
-        op = op_cls(params, curv_closure, **op_kwargs)
-        if curvature_closure is None and curv_closure is closure:
-            f_loss, f_grad = op.loss, op.grad
-        else:
-            loss_t, _ = evaluate_closure(closure, need_outputs=False)
-            with torch.enable_grad():
-                grads = torch.autograd.grad(loss_t, params, allow_unused=True)
-            f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
+        failure: NonFiniteLossError | None = None
+        offload = OffloadActivations() if self.offload_activations else contextlib.nullcontext()
+        self.last_offload = offload if self.offload_activations else None
+        try:
+            with offload:
+                op = op_cls(params, curv_closure, **op_kwargs)
+            if curvature_closure is None and curv_closure is closure:
+                f_loss, f_grad = op.loss, op.grad
+            else:
+                loss_t, _ = evaluate_closure(closure, need_outputs=False)
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss_t, params, allow_unused=True)
+                f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
+        except NonFiniteLossError as exc:
+            if reducer is None:
+                raise
+            failure = exc  # tell the other processes before raising, so none is left waiting
+        if reducer is not None:
+            flag = reducer.mean_float(0.0 if failure is None else 1.0, params[0])
+            if flag != 0.0:
+                raise failure or NonFiniteLossError("the loss is not finite on another process of the group")
+            f_loss = reducer.mean(f_loss.reshape(1)).reshape(())
+            f_grad = reducer.mean(f_grad)
         theta0 = torch.cat([p.detach().reshape(-1) for p in params])
         loss_before = float(f_loss)
         grad = f_grad
@@ -292,8 +363,13 @@ class HessianFree(torch.optim.Optimizer):
         # 3: damping and preconditioner for this step.
         t = time.perf_counter()
         lam = self.damping.value
-        self.damping.prepare(DampingContext(curvature=op, params=params))
-        self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd))
+        if reducer is None:
+            self.damping.prepare(DampingContext(curvature=op, params=params))
+            self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd))
+        else:
+            self.damping.prepare(DampingContext(curvature=op, params=params, reduce=reducer.mean))
+            self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd),
+                                       reduce=reducer.mean)
         times["preconditioner"] = time.perf_counter() - t
 
         products = [0]
@@ -305,12 +381,17 @@ class HessianFree(torch.optim.Optimizer):
             def damped_mv(v: Tensor) -> Tensor:
                 products[0] += 1
                 out = op.mv(v)
+                if reducer is not None:
+                    reducer.mean_(out)
                 return out.addcmul_(shift, v) if isinstance(shift, Tensor) else out.add_(v, alpha=shift)
         else:
 
             def damped_mv(v: Tensor) -> Tensor:
                 products[0] += 1
-                out = op.mv(v).add_(self.damping.mv(v))
+                out = op.mv(v)
+                if reducer is not None:
+                    reducer.mean_(out)
+                out.add_(self.damping.mv(v))
                 if not has_wd:
                     return out
                 return out.addcmul_(wd, v) if isinstance(wd, Tensor) else out.add_(v, alpha=wd)
@@ -343,7 +424,7 @@ class HessianFree(torch.optim.Optimizer):
             nonlocal evals
             evals += 1
             self._write(params, theta0 + alpha * delta)
-            return self._objective(closure, params, wd)
+            return self._objective(closure, params, wd, reducer)
 
         saved = result.saved
         if group["backtracking_factor"] is None:

@@ -7,7 +7,8 @@ toward a multiple of the identity, and ξ ∈ (0, 1] (0.75 in §13) makes it gen
 
 Protocol used by :class:`torch_hf.HessianFree`:
 
-* ``update(curvature, damping_diagonal, weight_decay)`` — once per step;
+* ``update(curvature, damping_diagonal, weight_decay, reduce=None)`` — once per step
+  (``reduce`` is given only under data parallelism);
 * ``solve(r)`` — P⁻¹ r (Algorithm 2's "solution of P y = r");
 * ``diagonal()`` — diag(P), or ``None`` for the identity (the trust-region norm);
 * ``estimate(curvature)`` — the raw estimate d (shared with scale-sensitive damping).
@@ -22,6 +23,8 @@ Estimators:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -33,8 +36,10 @@ __all__ = ["Preconditioner", "Identity", "DiagonalPreconditioner", "EmpiricalFis
 class Preconditioner:
     """Base protocol; see the module docstring."""
 
-    def update(self, curvature, damping_diagonal: Tensor | float | None = 0.0, weight_decay: float = 0.0) -> None:
-        """Recompute P for this step's curvature operator."""
+    def update(self, curvature, damping_diagonal: Tensor | float | None = 0.0, weight_decay: float = 0.0,
+               reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Recompute P for this step's curvature operator. ``reduce`` averages a
+        per-process estimate over the data-parallel group (see :mod:`torch_hf.distributed`)."""
 
     def solve(self, r: Tensor) -> Tensor:
         """P⁻¹ r."""
@@ -79,8 +84,12 @@ class DiagonalPreconditioner(Preconditioner):
     def estimate(self, curvature) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def update(self, curvature, damping_diagonal: Tensor | float | None = 0.0, weight_decay: float = 0.0) -> None:
-        d = self.estimate(curvature).clamp_min(0)
+    def update(self, curvature, damping_diagonal: Tensor | float | None = 0.0, weight_decay: float = 0.0,
+               reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        d = self.estimate(curvature)
+        if reduce is not None:
+            d = reduce(d)
+        d = d.clamp_min(0)
         self.last_estimate = d
         extra = damping_diagonal if damping_diagonal is not None else 0.0
         base = d + weight_decay + extra + self.kappa
