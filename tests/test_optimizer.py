@@ -428,3 +428,29 @@ def test_autocast_closure_keeps_cg_in_float32():
     assert losses[-1] < losses[0]
     with pytest.raises(TypeError, match="autocast_dtype"):
         torch_hf.HessianFree(model.parameters(), autocast_dtype="bf16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_matches_cpu_and_keeps_state_on_device():
+    def run(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+        model = model.to(device)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (64,), generator=gen)
+        x, y = x.to(device), y.to(device)
+
+        def closure():
+            z = model(x)
+            return F.cross_entropy(z, y), z
+
+        opt = torch_hf.HessianFree(model.parameters(), cg_max_iters=15, cg_check_every=1,
+                                   preconditioner=torch_hf.preconditioners.EmpiricalFisherDiagonal())
+        for _ in range(3):
+            opt.step(closure)
+        delta = opt.state[next(iter(model.parameters()))]["delta"]
+        assert delta.device.type == torch.device(device).type
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for a, b in zip(run("cpu"), run("cuda")):
+        assert torch.allclose(a, b, rtol=0, atol=1e-9)

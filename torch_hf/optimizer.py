@@ -98,8 +98,9 @@ class HessianFree(torch.optim.Optimizer):
         line_search_beta: step shrink factor of the line search.
         line_search_max_evals: most objective evaluations of the line search.
         trust_radius: if set, Steihaug-Toint truncation of CG at ‖δ‖_P = radius (§8.6).
-        cg_check_every: CG reads its termination scalars on the host every this many
-            iterations (1 costs nothing on CPU; raise it on GPUs).
+        cg_check_every: CG reads its termination scalars on the host (a synchronisation
+            on an accelerator) every this many iterations; ``None``: 1 on CPU, 5 elsewhere.
+            Between checks CG may run a few iterations past the progress criterion.
         loss_hvp: optional declared L'' for the GGN (see :class:`torch_hf.GGN`).
         process_group: data parallelism (:mod:`torch_hf.distributed`). ``None`` (default)
             averages loss, gradient, curvature products, diagonal estimates and trial
@@ -145,7 +146,7 @@ class HessianFree(torch.optim.Optimizer):
         line_search_beta: float = 0.8,
         line_search_max_evals: int = 20,
         trust_radius: float | None = None,
-        cg_check_every: int = 1,
+        cg_check_every: int | None = None,
         loss_hvp: Callable | None = None,
         process_group: Any = None,
         offload_activations: bool = False,
@@ -175,8 +176,8 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError(f"Invalid line_search_max_evals: {line_search_max_evals} (must be an int >= 1)")
         if trust_radius is not None and not trust_radius > 0:
             raise ValueError(f"Invalid trust_radius: {trust_radius} (must be > 0, or None)")
-        if not (isinstance(cg_check_every, int) and cg_check_every >= 1):
-            raise ValueError(f"Invalid cg_check_every: {cg_check_every} (must be an int >= 1)")
+        if cg_check_every is not None and not (isinstance(cg_check_every, int) and cg_check_every >= 1):
+            raise ValueError(f"Invalid cg_check_every: {cg_check_every} (must be an int >= 1, or None)")
         damping = Tikhonov(1.0) if damping is None else damping
         preconditioner = GGNDiagonal(0.75) if preconditioner is None else preconditioner
         if not isinstance(damping, Damping):
@@ -242,6 +243,12 @@ class HessianFree(torch.optim.Optimizer):
 
     def _state(self) -> dict:
         return self.state[self._params()[0]]
+
+    def _check_every(self, params: list[Tensor]) -> int:
+        if self.cg_check_every is not None:
+            return self.cg_check_every
+        # Reading CG's scalars costs a host synchronisation on an accelerator, nothing on CPU.
+        return 1 if params[0].device.type == "cpu" else 5
 
     def _autocast(self, closure: Callable) -> Callable:
         device_type = self._params()[0].device.type
@@ -406,7 +413,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_kwargs = dict(precondition=self.preconditioner.solve, max_iters=group["cg_max_iters"],
                          min_iters=group["cg_min_iters"], tol=group["cg_tol"], backtracking_factor=factor,
                          trust_radius=group["trust_radius"], trust_metric=trust_metric,
-                         check_every=self.cg_check_every)
+                         check_every=self._check_every(params))
         try:
             result = cg(damped_mv, b, x0, **cg_kwargs)
         except FloatingPointError:
