@@ -58,3 +58,88 @@ def test_offload_moves_cuda_activations_to_host():
     assert hooks.offloaded > 0 and hooks.bytes_offloaded > 0
     v = torch.randn(plain.numel, dtype=torch.float64, device="cuda")
     assert torch.allclose(offloaded.mv(v), plain.mv(v), rtol=1e-12, atol=1e-14)
+
+
+# -- √T checkpointed unrolling and recomputed products (§7.1) -----------------------------
+
+def _rnn(T=9, B=3, H=5, seed=0):
+    torch.manual_seed(seed)
+    inp = torch.nn.Linear(2, H).double()
+    rec = torch.nn.Linear(H, H, bias=False).double()
+    out = torch.nn.Linear(H, 2).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, B, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(B, 2, generator=gen, dtype=torch.float64)
+    params = [*inp.parameters(), *rec.parameters(), *out.parameters()]
+
+    def cell(xt, h):
+        return torch.tanh(inp(xt) + rec(h))
+
+    def closure_for(checkpoint, states=False, extras=False):
+        def closure():
+            hs = torch_hf.nn.unroll(cell, x, torch.zeros(B, H, dtype=torch.float64), checkpoint=checkpoint,
+                                    return_states=states or extras)
+            h = hs[-1] if (states or extras) else hs
+            z = out(h)
+            loss = F.mse_loss(z, y)
+            return (loss, z, hs) if extras else (loss, z)
+        return closure
+
+    return params, closure_for
+
+
+@pytest.mark.parametrize("checkpoint", ["sqrt", 1, 4, 9])
+@pytest.mark.parametrize("states", [False, True])
+def test_checkpointed_unroll_matches_plain_gradient_and_products(checkpoint, states):
+    params, closure_for = _rnn()
+    plain = torch_hf.GGN(params, closure_for(None, states))
+    v = torch.randn(plain.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for recompute in (False, True):
+        op = torch_hf.GGN(params, closure_for(checkpoint, states), recompute=recompute)
+        assert torch.allclose(op.grad, plain.grad, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(op.loss, plain.loss, rtol=1e-12)
+        assert torch.allclose(op.mv(v), plain.mv(v), rtol=1e-10, atol=1e-14)
+        assert torch.allclose(op.jvp(v)[0], plain.jvp(v)[0], rtol=1e-10, atol=1e-14)
+        u = torch.randn(3, 2, dtype=torch.float64)
+        assert torch.allclose(op.vjp(u), plain.vjp(u), rtol=1e-10, atol=1e-14)
+
+
+def test_recomputed_products_match_dense_reference():
+    params, closure_for = _rnn(T=4)
+    op = torch_hf.GGN(params, closure_for("sqrt"), recompute=True)
+    dense = torch_hf.GGN(params, closure_for(None)).dense()
+    assert torch.allclose(op.dense(), dense, rtol=1e-10, atol=1e-13)
+    # the parameters are left exactly as they were by the forward-mode passes
+    before = [p.detach().clone() for p in params]
+    op.mv(torch.ones(op.numel, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_recompute_with_structural_damping_and_in_the_optimizer():
+    params, closure_for = _rnn(T=6)
+    damping = torch_hf.damping.Structural(0.5, mu=0.2, batch_dim=1)
+    cached = torch_hf.GGN(params, closure_for(None, extras=True), **damping.curvature_kwargs())
+    recomputed = torch_hf.GGN(params, closure_for("sqrt", extras=True), recompute=True,
+                              **damping.curvature_kwargs())
+    v = torch.randn(cached.numel, dtype=torch.float64)
+    assert torch.allclose(recomputed.mv(v), cached.mv(v), rtol=1e-10, atol=1e-14)
+    finals = []
+    for recompute, ck in ((False, None), (True, "sqrt")):
+        params, closure_for = _rnn(T=6)
+        opt = torch_hf.HessianFree(params, damping=torch_hf.damping.Structural(0.5, mu=0.2, batch_dim=1),
+                                   recompute=recompute, cg_max_iters=10)
+        for _ in range(2):
+            opt.step(closure_for(ck, extras=True))
+        finals.append([p.detach().clone() for p in params])
+    for a, b in zip(*finals):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_unroll_rejects_bad_arguments():
+    params, _ = _rnn()
+    with pytest.raises(ValueError, match="checkpoint"):
+        torch_hf.nn.unroll(lambda x, h: h, torch.zeros(3, 1), torch.zeros(1), checkpoint="half")
+    with pytest.raises(ValueError, match="at least one"):
+        torch_hf.nn.unroll(lambda x, h: h, torch.zeros(0, 1), torch.zeros(1))
+    with pytest.raises(ValueError, match="recompute"):
+        torch_hf.HessianFree(params, curvature="hessian", recompute=True)

@@ -63,16 +63,30 @@ def _as_param_list(params: Iterable[Tensor]) -> list[Tensor]:
     return plist
 
 
-def evaluate_closure(closure: Closure, need_outputs: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None = None
+                     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Call ``closure`` with grad enabled and check what it returned.
 
     Returns ``(loss, outputs)`` with ``outputs`` normalised to a tuple (or ``None``
-    when the closure returned only the loss and ``need_outputs`` is false).
+    when the closure returned only the loss and ``need_outputs`` is false). With a list
+    ``extras``, the closure must return ``(loss, outputs, extra_outputs)`` (structural
+    damping's hidden states, §8.4) and the extra outputs, as a tuple, are appended to it.
     """
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}")
     with torch.enable_grad():
         result = closure()
+    if extras is not None:
+        if not (isinstance(result, (tuple, list)) and len(result) == 3):
+            raise ClosureError("with structural damping the closure must return (loss, outputs, hidden_states); "
+                               f"got {type(result).__name__}"
+                               + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+        hidden = result[2]
+        hidden = (hidden,) if isinstance(hidden, Tensor) else tuple(hidden)
+        if not hidden or not all(isinstance(h, Tensor) and h.requires_grad for h in hidden):
+            raise ClosureError("hidden_states must be a tensor or a tuple of tensors that depend on the parameters")
+        extras.append(hidden)
+        result = result[:2]
     if isinstance(result, Tensor):
         loss, outputs = result, None
     elif isinstance(result, (tuple, list)) and len(result) == 2:
@@ -220,8 +234,20 @@ class GGN(_CurvatureBase):
             output Hessian (declared closed form). By default a recognised matching
             loss (:mod:`torch_hf.losses`) uses its closed form, anything else exact
             double backward.
+        extra_hvp: for structural damping (§8.4, :class:`torch_hf.damping.Structural`):
+            the closure then returns ``(loss, outputs, extras)`` (e.g. hidden states),
+            and the operator becomes Jᵀ L'' J + J_eᵀ E J_e with ``E u = extra_hvp(u, extras)``
+            (``u`` and ``extras`` tuples shaped like the extras),
+            computed in the same two passes per product (the extras join the outputs
+            as coordinates the loss does not use).
+        recompute: cache nothing (§7.1's memory-saving alternative): every product
+            re-runs the closure — J v by forward-mode AD with no graph, Jᵀ w by one
+            reverse pass — so a model unrolled with ``torch_hf.nn.unroll(...,
+            checkpoint="sqrt")`` holds O(√T) states during CG instead of all T steps'
+            activations. The closure must be deterministic (no dropout). About 1.5–2×
+            the time of a cached product.
 
-    The closure is evaluated once, here. ``mv``, ``jvp``, ``vjp`` and ``loss_hvp`` then
+    Without ``recompute`` the closure is evaluated once, here. ``mv``, ``jvp``, ``vjp`` and ``loss_hvp`` then
     reuse its activations. Vectors over parameters are flat; vectors over outputs are
     tuples shaped like the outputs.
     """
@@ -231,13 +257,20 @@ class GGN(_CurvatureBase):
         params: Iterable[Tensor],
         closure: Closure,
         loss_hvp: Callable[..., Sequence[Tensor]] | None = None,
+        extra_hvp: Callable[..., Sequence[Tensor]] | None = None,
+        recompute: bool = False,
     ) -> None:
         self.params = _as_param_list(params)
-        loss, outputs = evaluate_closure(closure, need_outputs=True)
+        self.recompute = bool(recompute)
+        self._closure = closure
+        box: list | None = [] if extra_hvp is not None else None
+        loss, outputs = evaluate_closure(closure, need_outputs=True, extras=box)
         assert outputs is not None
         _check_outputs_independent(outputs)
         _check_loss_through_outputs(loss, outputs, self.params)
         self.outputs = outputs
+        self.extras: tuple[Tensor, ...] = box[0] if box else ()
+        self._extra_hvp = extra_hvp
         self.matching_loss: MatchingLoss | None = None
         if loss_hvp is None and len(outputs) == 1:
             self.matching_loss = recognize(loss, outputs[0])
@@ -248,8 +281,20 @@ class GGN(_CurvatureBase):
             grad_z = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grad_z))
             self._grad_z = grad_z
             # g(u) = Jᵀ u, recorded so that d⟨g(u), v⟩/du = J v; at u = ∂L/∂z it is ∇f.
-            self._u = tuple(g.detach().requires_grad_(True) for g in grad_z)
-            jt_u = torch.autograd.grad(outputs, self.params, self._u, create_graph=True, allow_unused=True)
+            # The extras' cotangents are zero at the gradient, so g(u) is still ∇f there.
+            self._u = tuple(g.detach().requires_grad_(True) for g in grad_z) + tuple(
+                torch.zeros_like(e).requires_grad_(True) for e in self.extras)
+            if self.recompute:  # the gradient only; the network's saved tensors are freed here
+                jt_u = torch.autograd.grad(outputs + self.extras, self.params, self._u, allow_unused=True)
+                live = [i for i, g in enumerate(jt_u) if g is not None]
+                if not live:
+                    raise ClosureError("the outputs do not depend on any of the parameters")
+                self._grad = _flat.flatten(jt_u, self.params)
+                self._loss = loss.detach()
+                self._jt_u_live = []
+                return
+            jt_u = torch.autograd.grad(outputs + self.extras, self.params, self._u, create_graph=True,
+                                       allow_unused=True)
         self._jt_u_live = [(i, g) for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
         if not self._jt_u_live:
             raise ClosureError("the outputs do not depend on any of the parameters")
@@ -259,21 +304,72 @@ class GGN(_CurvatureBase):
     # -- the factors of G ---------------------------------------------------------
     def jvp(self, v: Tensor) -> tuple[Tensor, ...]:
         """J v: the change of each output along the flat parameter direction ``v``."""
+        return self._jvp_all(v)[: len(self.outputs)]
+
+    def extras_jvp(self, v: Tensor) -> tuple[Tensor, ...]:
+        """J_e v for the extra outputs (structural damping's hidden states)."""
+        return self._jvp_all(v)[len(self.outputs):]
+
+    def _jvp_all(self, v: Tensor) -> tuple[Tensor, ...]:
         self._check_vector(v)
         parts = _flat.unflatten(v, self.params)
+        if self.recompute:
+            return self._forward_mode_jvp(parts)
         live = [g for _, g in self._jt_u_live]
         with torch.enable_grad():
             jv = torch.autograd.grad(
                 live, self._u, [parts[i] for i, _ in self._jt_u_live], retain_graph=True, allow_unused=True
             )
-        return tuple(torch.zeros_like(o) if t is None else t for o, t in zip(self.outputs, jv))
+        return tuple(torch.zeros_like(o) if t is None else t for o, t in zip(self.outputs + self.extras, jv))
 
     def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
         """Jᵀ u as a flat parameter vector, for ``u`` shaped like the outputs."""
         u = self._as_output_tuple(u, "u")
+        outputs, _ = self._graph_outputs()
         with torch.enable_grad():
-            g = torch.autograd.grad(self.outputs, self.params, u, retain_graph=True, allow_unused=True)
+            g = torch.autograd.grad(outputs, self.params, u, retain_graph=not self.recompute, allow_unused=True)
         return _flat.flatten(g, self.params)
+
+    def _graph_outputs(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Outputs and extras with a live graph: the cached ones, or a fresh forward pass."""
+        if not self.recompute:
+            return self.outputs, self.extras
+        box: list | None = [] if self._extra_hvp is not None else None
+        _, outputs = evaluate_closure(self._closure, need_outputs=True, extras=box)
+        return outputs, (box[0] if box else ())
+
+    def _forward_mode_jvp(self, parts: list[Tensor]) -> tuple[Tensor, ...]:
+        """J v by forward-mode AD: the parameters become dual tensors in place (same
+        values), the closure runs once with no autograd graph, the outputs' tangents are
+        J v; leaving the dual level drops the tangents again."""
+        import torch.autograd.forward_ad as fwAD
+
+        versions = [p._version for p in self.params]
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                for p, t in zip(self.params, parts):
+                    p.copy_(fwAD.make_dual(p.detach().clone(), t))
+                return self._read_tangents(self._closure())
+        finally:
+            # The values were rewritten bit for bit: put the version counters back, so
+            # graphs that saved the parameters (other operators, the user's) stay usable.
+            reset = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+            if reset is not None:
+                reset(tuple(self.params), tuple(versions))
+
+    def _read_tangents(self, result) -> tuple[Tensor, ...]:
+        import torch.autograd.forward_ad as fwAD
+
+        if not isinstance(result, (tuple, list)) or len(result) < 2:
+            raise ClosureError("the closure changed what it returns between calls")
+        outputs = result[1]
+        outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+        if self.extras:
+            extras = result[2]
+            outputs = outputs + ((extras,) if isinstance(extras, Tensor) else tuple(extras))
+        tangents = tuple(fwAD.unpack_dual(o).tangent for o in outputs)
+        return tuple(torch.zeros_like(o) if t is None else t.clone() for o, t in
+                     zip(self.outputs + self.extras, tangents))
 
     def loss_hvp(self, u: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
         """L'' u: the loss Hessian w.r.t. the outputs times ``u`` (shaped like the outputs)."""
@@ -288,8 +384,18 @@ class GGN(_CurvatureBase):
         return tuple(torch.zeros_like(o) if t is None else t for o, t in zip(self.outputs, out))
 
     def mv(self, v: Tensor) -> Tensor:
-        """G v = Jᵀ (L'' (J v)) with no forward pass."""
-        return self.vjp(self.loss_hvp(self.jvp(v)))
+        """G v = Jᵀ (L'' (J v)) (+ J_eᵀ E J_e v with extras) with no forward pass."""
+        if not self.extras:
+            return self.vjp(self.loss_hvp(self.jvp(v)))
+        jv = self._jvp_all(v)
+        n = len(self.outputs)
+        ev = tuple(self._extra_hvp(jv[n:], self.extras))
+        w = self.loss_hvp(jv[:n]) + ev
+        outputs, extras = self._graph_outputs()
+        with torch.enable_grad():
+            g = torch.autograd.grad(outputs + extras, self.params, w, retain_graph=not self.recompute,
+                                    allow_unused=True)
+        return _flat.flatten(g, self.params)
 
     def loss_sqrt_hvp(self, v: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...] | None:
         """S v with S Sᵀ = L'' (for §11.4's estimator), or ``None`` without a closed form."""
@@ -309,7 +415,7 @@ class GGN(_CurvatureBase):
         flat mask telling which entries are the per-case sums.
         """
         c = self._as_output_tuple(cotangents, "cotangents")
-        return _squared_vjp(self.outputs, self.params, c)
+        return _squared_vjp(self._graph_outputs()[0], self.params, c)
 
     def _as_output_tuple(self, u, name: str) -> tuple[Tensor, ...]:
         if isinstance(u, Tensor):

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["LevenbergMarquardt", "Damping", "Tikhonov", "ScaleSensitive", "DampingContext"]
+__all__ = ["LevenbergMarquardt", "Damping", "Tikhonov", "ScaleSensitive", "Structural", "DampingContext"]
 
 
 class LevenbergMarquardt:
@@ -102,8 +102,18 @@ class Damping:
         return 0.0
 
     def augment_closure(self, closure: Callable) -> Callable:
-        """Hook for structural damping (§8.4): may wrap the curvature closure."""
+        """Hook: may wrap the curvature closure."""
         return closure
+
+    def curvature_kwargs(self) -> dict:
+        """Extra keyword arguments for the curvature operator (structural damping adds
+        its hidden-state term to the GGN here, so it costs no extra pass)."""
+        return {}
+
+    def model_penalty(self, delta: Tensor, curvature: Any) -> float:
+        """½ δᵀ(λD)δ: the damping's part of the quadratic CG minimised, removed again
+        when ρ compares f against the undamped model (§8.5)."""
+        return 0.5 * float(torch.dot(delta, self.mv(delta)))
 
     def update(self, rho: float) -> None:
         """Adapt λ from the reduction ratio ρ (§8.5)."""
@@ -180,3 +190,80 @@ class ScaleSensitive(Damping):
 
     def diagonal(self) -> Tensor:
         return self._require() * self.value
+
+
+class Structural(Tikhonov):
+    r"""Structural damping (§8.4; Martens & Sutskever 2011) with Tikhonov damping.
+
+    The damped quadratic adds to ½δᵀ(B + λI)δ the GGN of λμ·d(h(θ+δ); h(θ)), where h are
+    the hidden states of an RNN, d a matching distance and μ a fixed ratio — so the
+    structural strength λμ follows λ under the Levenberg-Marquardt rule, as in the paper.
+    Its curvature, λμ·J_hᵀ D_h J_h, is added to the GGN *inside* each product (the hidden
+    states join the outputs as extra coordinates the loss does not use), so it costs no
+    second pass.
+
+    The closure then returns ``(loss, outputs, hidden)``, ``hidden`` a tensor or tuple of
+    tensors:
+
+    * ``units="tanh"``: ``hidden`` are the states h; d = ½‖Δh‖², D_h = I;
+    * ``units="logistic"``: ``hidden`` are the *pre-activations* a of logistic units
+      h = σ(a); d is the cross-entropy between σ(a) and σ(a_k), whose GGN in a is
+      D_h = diag(σ(a)(1 − σ(a))) (the matching loss of §6.2).
+
+    d is summed over the state entries and divided by ``cases`` = ``hidden.shape[batch_dim]``
+    (the loss is usually a mean over cases, so μ keeps its meaning across batch sizes).
+
+    Args:
+        init: initial λ.
+        mu: μ, the structural-to-Tikhonov ratio (Martens & Sutskever 2011 used 1/30).
+        units: ``"tanh"`` or ``"logistic"``.
+        batch_dim: the dimension of ``hidden`` that indexes the cases.
+        adapt: adaptation rule of λ, Levenberg-Marquardt by default.
+    """
+
+    def __init__(self, init: float = 1.0, mu: float = 1 / 30, units: str = "tanh", batch_dim: int = 0,
+                 adapt: Callable[[float, float], float] | None | str = _LM) -> None:
+        super().__init__(init, adapt)
+        if not mu >= 0:
+            raise ValueError(f"mu must be >= 0, got {mu}")
+        if units not in ("tanh", "logistic"):
+            raise ValueError(f"units must be 'tanh' or 'logistic', got {units!r}")
+        self.mu, self.units, self.batch_dim = float(mu), units, batch_dim
+
+    def curvature_kwargs(self) -> dict:
+        return {"extra_hvp": self.hidden_hvp}
+
+    def _weights(self, hidden: tuple[Tensor, ...]) -> list[Tensor | float]:
+        out: list[Tensor | float] = []
+        for h in hidden:
+            scale = self.value * self.mu / h.shape[self.batch_dim]
+            if self.units == "tanh":
+                out.append(scale)
+            else:
+                p = torch.sigmoid(h.detach())
+                out.append(p * (1 - p) * scale)
+        return out
+
+    def hidden_hvp(self, u: tuple[Tensor, ...], hidden: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """λμ D_h u for the hidden-state coordinates (the GGN calls it in every product)."""
+        return tuple(x * w for x, w in zip(u, self._weights(hidden)))
+
+    def prepare(self, context: DampingContext) -> None:
+        if not getattr(context.curvature, "extras", ()):
+            raise ValueError("Structural damping needs curvature='ggn' and a closure returning "
+                             "(loss, outputs, hidden_states)")
+
+    def model_penalty(self, delta: Tensor, curvature: Any) -> float:
+        penalty = super().model_penalty(delta, curvature)
+        jh = curvature.extras_jvp(delta)
+        return penalty + 0.5 * sum(float((x * w * x).sum()) for x, w in zip(jh, self._weights(curvature.extras)))
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "mu": self.mu}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.mu = float(state.get("mu", self.mu))
+
+    def __repr__(self) -> str:
+        return f"Structural(value={self.value:.4g}, mu={self.mu:.4g}, units={self.units!r})"

@@ -8,10 +8,13 @@ slower CPU memory and moving them to the GPU as needed".
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
-__all__ = ["OffloadActivations"]
+__all__ = ["OffloadActivations", "unroll"]
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -49,3 +52,59 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.unpacked += 1
         device, t = packed
         return t if device is None else t.to(device, non_blocking=self.pin_memory)
+
+
+def unroll(cell, inputs: Tensor, h0: Tensor, checkpoint: int | str | None = None,
+           return_states: bool = True) -> Tensor:
+    """Run a recurrent ``cell(x_t, h) -> h`` over ``inputs`` (time first: T × ...).
+
+    Args:
+        cell: the transition, a module or function of ``(x_t, h)``.
+        inputs: the input sequence, ``inputs[t]`` is fed at step t.
+        h0: the initial state.
+        checkpoint: ``None`` keeps every step's activations for backward; ``"sqrt"``
+            splits the sequence into segments of ⌈√T⌉ steps and keeps only the state
+            entering each segment, recomputing the segment's activations when backward
+            (or a curvature product) needs them (§7.1, with
+            ``torch.utils.checkpoint``, non-reentrant); an int sets the segment length.
+        return_states: return all states (T × ...) — needed for per-step outputs or
+            structural damping — or only the last one, which is what makes the memory
+            of a checkpointed unroll O(√T) states.
+
+    Returns:
+        the stacked states h_1..h_T, or h_T.
+    """
+    T = inputs.shape[0]
+    if T == 0:
+        raise ValueError("inputs must have at least one time step")
+    if checkpoint is None:
+        states, h = [], h0
+        for t in range(T):
+            h = cell(inputs[t], h)
+            if return_states:
+                states.append(h)
+        return torch.stack(states) if return_states else h
+    if checkpoint == "sqrt":
+        k = max(1, math.ceil(math.sqrt(T)))
+    elif isinstance(checkpoint, int) and checkpoint >= 1:
+        k = checkpoint
+    else:
+        raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int, got {checkpoint!r}")
+
+    def segment(h: Tensor, xs: Tensor):
+        seg = []
+        for t in range(xs.shape[0]):
+            h = cell(xs[t], h)
+            if return_states:
+                seg.append(h)
+        return torch.stack(seg) if return_states else h
+
+    pieces, h = [], h0
+    for start in range(0, T, k):
+        out = torch.utils.checkpoint.checkpoint(segment, h, inputs[start:start + k], use_reentrant=False)
+        if return_states:
+            pieces.append(out)
+            h = out[-1]
+        else:
+            h = out
+    return torch.cat(pieces) if return_states else h

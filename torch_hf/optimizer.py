@@ -112,6 +112,10 @@ class HessianFree(torch.optim.Optimizer):
         offload_activations: keep the activations cached for CG in host memory and copy
             them to the device for each product (§7.1; :class:`torch_hf.nn.OffloadActivations`).
             A no-op for tensors already on the CPU.
+        recompute: GGN products re-run the closure instead of caching its activations
+            (forward-mode J v + one reverse pass; :class:`torch_hf.GGN`'s ``recompute``):
+            with ``torch_hf.nn.unroll(..., checkpoint="sqrt")`` a T-step RNN keeps O(√T)
+            states during CG (§7.1).
         autocast_dtype: run every closure call under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``) on the parameters' device type; gradients, CG
             vectors and products stay in the parameters' dtype (float32).
@@ -150,6 +154,7 @@ class HessianFree(torch.optim.Optimizer):
         loss_hvp: Callable | None = None,
         process_group: Any = None,
         offload_activations: bool = False,
+        recompute: bool = False,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         if curvature not in ("ggn", "hessian"):
@@ -211,6 +216,9 @@ class HessianFree(torch.optim.Optimizer):
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {autocast_dtype!r}")
         self.offload_activations = bool(offload_activations)
+        if recompute and curvature != "ggn":
+            raise ValueError("recompute=True needs curvature='ggn'")
+        self.recompute = bool(recompute)
         self.autocast_dtype = autocast_dtype
         self.last_offload: OffloadActivations | None = None
         self._reducer: Reducer | None = None
@@ -240,6 +248,14 @@ class HessianFree(torch.optim.Optimizer):
     def _write(params: list[Tensor], flat: Tensor) -> None:
         for p, v in zip(params, _flat.unflatten(flat, params)):
             p.copy_(v)
+
+    @staticmethod
+    def _write_trial(params: list[Tensor], flat: Tensor) -> None:
+        # Through .data: the version counters stay as they are, so the curvature operator
+        # (whose graph saved the parameters) can still be used once θ₀ is written back —
+        # structural damping's model penalty needs J_h δ after backtracking.
+        for p, v in zip(params, _flat.unflatten(flat, params)):
+            p.data.copy_(v)
 
     def _state(self) -> dict:
         return self.state[self._params()[0]]
@@ -327,6 +343,13 @@ class HessianFree(torch.optim.Optimizer):
         has_wd = _nonzero(wd)
         op_cls = GGN if self.curvature == "ggn" else Hessian
         op_kwargs = {"loss_hvp": self.loss_hvp} if op_cls is GGN else {}
+        damping_kwargs = self.damping.curvature_kwargs()
+        if damping_kwargs and op_cls is not GGN:
+            raise ValueError(f"{type(self.damping).__name__} damping needs curvature='ggn'")
+        op_kwargs.update(damping_kwargs)
+        if self.recompute:
+            op_kwargs["recompute"] = True
+        extras: list | None = [] if "extra_hvp" in damping_kwargs else None
         reducer = self._get_reducer()
         if reducer is not None and state["step"] == 0:
             reducer.broadcast_parameters(params)
@@ -343,7 +366,7 @@ class HessianFree(torch.optim.Optimizer):
             if curvature_closure is None and curv_closure is closure:
                 f_loss, f_grad = op.loss, op.grad
             else:
-                loss_t, _ = evaluate_closure(closure, need_outputs=False)
+                loss_t, _ = evaluate_closure(closure, need_outputs=False, extras=extras)
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss_t, params, allow_unused=True)
                 f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
@@ -430,7 +453,7 @@ class HessianFree(torch.optim.Optimizer):
         def f_at(delta: Tensor, alpha: float = 1.0) -> float:
             nonlocal evals
             evals += 1
-            self._write(params, theta0 + alpha * delta)
+            self._write_trial(params, theta0 + alpha * delta)
             return self._objective(closure, params, wd, reducer)
 
         saved = result.saved
@@ -441,7 +464,9 @@ class HessianFree(torch.optim.Optimizer):
         chosen_it, delta, q_chosen = saved[j]
 
         # 6: ρ against the undamped model M(δ) = q(δ) − ½ δᵀλDδ (eq. 10), LM update of λ.
-        model_reduction = q_chosen - 0.5 * float(torch.dot(delta, self.damping.mv(delta)))
+        if type(self.damping).model_penalty is not Damping.model_penalty:
+            self._write_trial(params, theta0)  # the operator's graph saw θ₀
+        model_reduction = q_chosen - self.damping.model_penalty(delta, op)
         actual = f_best - loss_before
         rho = actual / model_reduction if model_reduction < 0 else (-math.inf if math.isfinite(actual) else math.nan)
         if not math.isfinite(f_best):
