@@ -14,12 +14,13 @@ from typing import Sequence
 def _label(result: dict, path: str) -> str:
     cfg = result.get("config", {})
     name = cfg.get("optimizer", Path(path).stem)
-    extra = f" lr={cfg['lr']:g}" if cfg.get("optimizer") in ("adam", "sgd") and "lr" in cfg else ""
+    extra = f" lr={cfg['lr']:g}" if cfg.get("optimizer") in ("adam", "sgd") and cfg.get("lr") is not None else ""
     return f"{name}{extra}"
 
 
-def plot_results(paths: Sequence[str], out: str, title: str | None = None, metric: str = "train_error") -> str:
-    """Write a PNG with ``metric`` (and ``test_error``) against time and epochs."""
+def plot_results(paths: Sequence[str], out: str, title: str | None = None, metric: str = "train_error",
+                 dashed: str | None = "test_error") -> str:
+    """Write a PNG with ``metric`` (solid) and ``dashed`` (if not ``None``) against time and epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,15 +36,20 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
         color = f"C{i}"
         label = _label(result, path)
         for ax, key in zip(axes, ("time_s", "epoch")):
-            ax.plot([r[key] for r in rows], [r[metric] for r in rows], color=color, label=f"{label} train")
-            test = [r for r in rows if r.get("test_error") is not None]
+            ax.plot([r[key] for r in rows], [r[metric] for r in rows], color=color,
+                    label=f"{label} {metric.split('_')[0]}")
+            test = [r for r in rows if dashed is not None and r.get(dashed) is not None]
             if test:
-                ax.plot([r[key] for r in test], [r["test_error"] for r in test], color=color, ls="--",
-                        label=f"{label} test")
+                ax.plot([r[key] for r in test], [r[dashed] for r in test], color=color, ls="--",
+                        label=f"{label} {dashed.split('_')[0]}")
     for ax, xlabel in zip(axes, ("training wall time (s)", "epochs")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric.replace("_", " "))
-        ax.set_yscale("log")
+        values = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        else:  # an error of exactly 0 (a solved task) has no place on a log axis
+            ax.set_yscale("symlog", linthresh=1e-3)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:

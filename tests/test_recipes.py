@@ -87,3 +87,45 @@ def test_autoencoder_recipe_under_torchrun(tmp_path):
     # Same data, same steps; only the curvature subset differs (15 cases from each shard).
     assert dist_result["final"]["train_error"] == pytest.approx(single["final"]["train_error"], rel=1e-2)
     assert dist_result["final"]["train_error"] < dist_result["history"][0]["train_error"]
+
+
+# -- the pathological RNN problems ---------------------------------------------------
+
+@pytest.mark.parametrize("task", ["addition", "multiplication", "xor", "temporal_order", "temporal_order3",
+                                  "random_permutation", "memorization"])
+def test_rnn_task_generators_follow_the_definitions(task):
+    import torch
+
+    from recipes import rnn_pathological as rp
+
+    b = rp.generate(task, 30, 64, torch.Generator().manual_seed(0))
+    s = rp.spec(task)
+    assert b.x.shape == (30, 64, s.inputs)
+    if task in ("addition", "multiplication", "xor"):
+        marks = b.x[:, :, 1]
+        assert torch.all(marks.sum(0) == 2)
+        first, second = (marks[:3] == 1).nonzero()[:, 0], None
+        vals = (b.x[:, :, 0] * marks)
+        a_plus_b = vals.sum(0)
+        if task == "addition":
+            assert torch.allclose(b.y[:, 0], a_plus_b / 2)
+        assert torch.all(marks[:3].sum(0) == 1) and first.numel() == 64 and second is None
+    elif task == "memorization":
+        assert torch.equal(b.x[:10].argmax(-1).T, b.y) and torch.all(b.x[30 - 11].argmax(-1) == 5)
+    else:
+        assert b.y.shape == (64,) and int(b.y.max()) < s.outputs
+
+
+def test_rnn_recipe_smoke(tmp_path):
+    from recipes import rnn_pathological as rp
+
+    for opt, extra in (("hf", ["--checkpoint", "--cg-max-iters", "5"]), ("adam", [])):
+        result = rp.main(["--task", "temporal_order", "--T", "16", "--hidden", "12", "--optimizer", opt,
+                          "--max-iters", "2", "--time-budget", "0", "--batch-size", "40", "--curvature-batch-size",
+                          "20", "--test-size", "50", "--out", str(tmp_path), "--no-progress", *extra])
+        stem = tmp_path / f"rnn_temporal_order_T16_{opt}_seed0"
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        assert saved["final"]["iterations"] == 2 and saved["final"] == result["final"]
+        assert 0 <= saved["final"]["test_error"] <= 1
+        assert stem.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    assert "--task" in rp.build_parser().format_help()

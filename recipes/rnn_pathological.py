@@ -1,0 +1,346 @@
+"""The pathological long-range problems of Hochreiter & Schmidhuber (1997), as Martens &
+Sutskever (2011) used them: a tanh RNN with 100 hidden units trained by HF with
+structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
+
+    python recipes/rnn_pathological.py --task addition --T 100
+    python recipes/rnn_pathological.py --task temporal_order --T 100 --optimizer adam --lr 1e-3
+    python recipes/rnn_pathological.py --help
+
+Tasks (sequences of length T, time first; data generated on the fly, a fresh minibatch
+per update, and a fixed test set of ``--test-size`` sequences):
+
+* ``addition`` / ``multiplication``: 2 inputs (a value in [0, 1], a marker); two steps
+  are marked, the first in the first 10% of the sequence, the second in the first half;
+  the target at the last step is the sum (/2, scaled to [0, 1]) or the product of the
+  marked values. Squared error; solved when < 1% of test sequences are off by > 0.04.
+* ``xor``: as above with binary values; target their XOR (sigmoid output, cross-entropy);
+  same criterion on the output probability.
+* ``temporal_order`` (2 symbols, 4 classes) / ``temporal_order3`` (3 symbols, 8 classes):
+  a stream of distractors {c, d, e, f}; X or Y appears at 2 (3) random times in fixed
+  windows; the class at the end is the order of X/Y. Cross-entropy; solved at < 1% test
+  classification error.
+* ``random_permutation``: 100 symbols; the first symbol (1 or 2) is to be output at the
+  end, the others are random distractors from 3..100. Solved at < 1% error.
+* ``memorization``: 10 symbols of 2 bits each (4 classes) in the first 10 steps, then
+  blanks, a trigger at step T−10, and the 10 symbols to be output in the last 10 steps.
+  Solved when < 1% of test sequences have any output wrong.
+
+Initialization (Martens & Sutskever 2011): every unit gets 15 nonzero incoming weights
+drawn from N(0, 1) (all of them when there are fewer inputs), biases 0, and the recurrent
+matrix is rescaled to spectral radius 1.1. HF: GGN with structural damping (μ = 1/30 of
+λ by default), GGN-diagonal preconditioner, CG up to 300 iterations.
+
+Writes JSON (``{"config", "history", "final"}``, the test error being the task's success
+metric) and a PNG of the test error against wall time and against iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch_hf  # noqa: E402
+
+TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
+         "memorization")
+DEFAULT_TIME_BUDGET = 600.0
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # T × B × inputs
+    y: torch.Tensor  # targets: B (classes), B × 1 (regression), or B × 10 (memorization)
+
+
+@dataclass
+class TaskSpec:
+    inputs: int
+    outputs: int
+    kind: str  # "regression", "binary", "classes", "memorization"
+
+
+def spec(task: str) -> TaskSpec:
+    return {
+        "addition": TaskSpec(2, 1, "regression"),
+        "multiplication": TaskSpec(2, 1, "regression"),
+        "xor": TaskSpec(2, 1, "binary"),
+        "temporal_order": TaskSpec(6, 4, "classes"),
+        "temporal_order3": TaskSpec(6, 8, "classes"),
+        "random_permutation": TaskSpec(100, 100, "classes"),
+        "memorization": TaskSpec(6, 4, "memorization"),
+    }[task]
+
+
+def generate(task: str, T: int, n: int, gen: torch.Generator) -> Batch:
+    """``n`` sequences of length ``T`` of ``task`` (see the module docstring)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if T < 12:
+        raise ValueError(f"T must be at least 12, got {T}")
+    rows = torch.arange(n)
+    if task in ("addition", "multiplication", "xor"):
+        if task == "xor":
+            values = torch.randint(0, 2, (T, n), generator=gen).float()
+        else:
+            values = torch.rand(T, n, generator=gen)
+        first = torch.randint(0, max(1, T // 10), (n,), generator=gen)
+        second = torch.randint(max(1, T // 10), max(T // 10 + 1, T // 2), (n,), generator=gen)
+        marks = torch.zeros(T, n)
+        marks[first, rows] = 1.0
+        marks[second, rows] = 1.0
+        a, b = values[first, rows], values[second, rows]
+        target = {"addition": (a + b) / 2, "multiplication": a * b, "xor": (a != b).float()}[task]
+        return Batch(torch.stack([values, marks], dim=2), target[:, None])
+    if task in ("temporal_order", "temporal_order3"):
+        k = 2 if task == "temporal_order" else 3
+        symbols = torch.randint(2, 6, (T, n), generator=gen)  # distractors c, d, e, f
+        # windows: k roughly equal slices of the sequence's middle
+        bounds = torch.linspace(0.1 * T, 0.6 * T, k + 1).long()
+        bits = torch.randint(0, 2, (k, n), generator=gen)
+        for j in range(k):
+            lo, hi = int(bounds[j]), int(max(bounds[j + 1], bounds[j] + 1))
+            pos = torch.randint(lo, hi, (n,), generator=gen)
+            symbols[pos, rows] = bits[j]  # 0 = X, 1 = Y
+        label = sum(bits[j] << (k - 1 - j) for j in range(k))
+        return Batch(F.one_hot(symbols, 6).float(), label)
+    if task == "random_permutation":
+        symbols = torch.randint(2, 100, (T, n), generator=gen)
+        first = torch.randint(0, 2, (n,), generator=gen)
+        symbols[0] = first
+        return Batch(F.one_hot(symbols, 100).float(), first)
+    # memorization: 10 two-bit symbols, blanks (4), trigger (5), outputs in the last 10 steps
+    symbols = torch.full((T, n), 4, dtype=torch.long)
+    pattern = torch.randint(0, 4, (10, n), generator=gen)
+    symbols[:10] = pattern
+    symbols[T - 11] = 5
+    return Batch(F.one_hot(symbols, 6).float(), pattern.T.contiguous())
+
+
+def sparse_init_rnn(inputs: int, hidden: int, outputs: int, gen: torch.Generator,
+                    nonzero: int = 15, radius: float = 1.1) -> torch.nn.ModuleDict:
+    """The tanh RNN of Martens & Sutskever (2011) with their sparse initialization."""
+    def sparse(rows: int, cols: int) -> torch.Tensor:
+        w = torch.zeros(rows, cols)
+        for r in range(rows):
+            idx = torch.randperm(cols, generator=gen)[: min(nonzero, cols)]
+            w[r, idx] = torch.randn(len(idx), generator=gen)
+        return w
+
+    model = torch.nn.ModuleDict({"inp": torch.nn.Linear(inputs, hidden), "rec": torch.nn.Linear(hidden, hidden,
+                                 bias=False), "out": torch.nn.Linear(hidden, outputs)})
+    with torch.no_grad():
+        model["inp"].weight.copy_(sparse(hidden, inputs))
+        rec = sparse(hidden, hidden)
+        rec *= radius / torch.linalg.eigvals(rec).abs().max()
+        model["rec"].weight.copy_(rec)
+        model["out"].weight.copy_(sparse(outputs, hidden))
+        for layer in (model["inp"], model["out"]):
+            layer.bias.zero_()
+    return model
+
+
+def forward(model: torch.nn.ModuleDict, x: torch.Tensor, checkpoint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All hidden states (T × B × H) and the readout of every step (T × B × outputs)."""
+    h0 = torch.zeros(x.shape[1], model["rec"].weight.shape[0], dtype=x.dtype, device=x.device)
+    pre = model["inp"](x)  # the input projection of all steps at once
+
+    def cell(p_t, h):
+        return torch.tanh(p_t + model["rec"](h))
+
+    states = torch_hf.nn.unroll(cell, pre, h0, checkpoint=checkpoint)
+    return states, model["out"](states)
+
+
+def task_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the outputs it reads): only the steps that carry a target are outputs."""
+    if kind == "memorization":
+        z = out[-10:].transpose(0, 1)  # B × 10 × classes
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1)), z
+    z = out[-1]
+    if kind == "regression":
+        return F.mse_loss(z, y), z
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(z, y), z
+    return F.cross_entropy(z, y), z
+
+
+def task_error(kind: str, z: torch.Tensor, y: torch.Tensor) -> float:
+    """The success metric: fraction of sequences the network gets wrong."""
+    if kind == "regression":
+        return float(((z - y).abs() > 0.04).float().mean())
+    if kind == "binary":
+        return float(((torch.sigmoid(z) - y).abs() > 0.04).float().mean())
+    if kind == "memorization":
+        return float((z.argmax(-1) != y).any(dim=1).float().mean())
+    return float((z.argmax(-1) != y).float().mean())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"Default: addition at T=100 with HF for {DEFAULT_TIME_BUDGET:.0f} s.")
+    ap.add_argument("--task", choices=TASKS, default="addition")
+    ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
+    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
+    ap.add_argument("--hidden", type=int, default=100)
+    ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
+                    help=f"seconds of training, evaluation excluded; 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
+    ap.add_argument("--max-iters", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="gradient minibatch (hf 1000, adam/sgd 100)")
+    ap.add_argument("--curvature-batch-size", type=int, default=250, help="HF curvature minibatch (§12.1)")
+    ap.add_argument("--cg-max-iters", type=int, default=300)
+    ap.add_argument("--cg-tol", type=float, default=5e-4)
+    ap.add_argument("--damping", type=float, default=0.1, help="HF: initial lambda")
+    ap.add_argument("--mu", type=float, default=1 / 30, help="HF: structural damping ratio (0 disables it)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="HF: sqrt(T) checkpointed unroll with recomputed curvature products (§7.1)")
+    ap.add_argument("--lr", type=float, default=None, help="adam 1e-3, sgd 1e-2 (with momentum)")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--clip", type=float, default=1.0, help="adam/sgd gradient-norm clipping (0: none)")
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def run(cfg: dict, progress: bool = True) -> dict:
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    task, T, kind = cfg["task"], cfg["T"], spec(cfg["task"]).kind
+    s = spec(task)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    test = generate(task, T, cfg["test_size"], torch.Generator().manual_seed(10_000 + cfg["seed"]))
+    test = Batch(test.x.to(device), test.y.to(device))
+    model = sparse_init_rnn(s.inputs, cfg["hidden"], s.outputs, gen).to(device)
+    params = list(model.parameters())
+    batch = cfg["batch_size"] = cfg["batch_size"] or (1000 if cfg["optimizer"] == "hf" else 100)
+    if cfg["optimizer"] != "hf" and cfg.get("lr") is None:
+        cfg["lr"] = 1e-3 if cfg["optimizer"] == "adam" else 1e-2
+    checkpoint = "sqrt" if cfg.get("checkpoint") else None
+    if cfg["optimizer"] == "hf":
+        damping = (torch_hf.damping.Structural(cfg["damping"], mu=cfg["mu"], batch_dim=1) if cfg["mu"] > 0
+                   else torch_hf.damping.Tikhonov(cfg["damping"]))
+        opt = torch_hf.HessianFree(params, damping=damping, cg_max_iters=cfg["cg_max_iters"], cg_tol=cfg["cg_tol"],
+                                   recompute=bool(checkpoint))
+    elif cfg["optimizer"] == "adam":
+        opt = torch.optim.Adam(params, lr=cfg["lr"])
+    else:
+        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"])
+
+    def closure_for(b: Batch, structural: bool):
+        def closure():
+            states, out = forward(model, b.x, checkpoint)
+            loss, z = task_loss(kind, out, b.y)
+            return (loss, z, states) if structural else (loss, z)
+        return closure
+
+    def evaluate(it: int, train_time: float, cases: int, extra: dict) -> dict:
+        with torch.no_grad():
+            _, out = forward(model, test.x)
+            loss, z = task_loss(kind, out, test.y)
+        row = {"iter": it, "time_s": round(train_time, 3), "epoch": cases / cfg["test_size"],
+               "train_loss": extra.pop("train_loss", None),
+               "test_loss": float(loss), "test_error": task_error(kind, z, test.y)}
+        row.update(extra)
+        history.append(row)
+        return row
+
+    budget, max_iters = cfg["time_budget"] or 0.0, cfg.get("max_iters")
+    if budget <= 0 and not max_iters:
+        raise SystemExit("give a --time-budget or --max-iters")
+    eval_every = cfg.get("eval_every") or (budget / 50 if budget > 0 else None)
+    history: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget if budget > 0 else max_iters, desc=f"{task} T={T} {cfg['optimizer']}",
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}{postfix}]")
+    evaluate(0, 0.0, 0, {})
+    train_time, cases, it, last_eval, solved_at, status = 0.0, 0, 0, 0.0, None, "budget"
+    while True:
+        if max_iters and it >= max_iters:
+            status = "max_iters"
+            break
+        if budget > 0 and train_time >= budget:
+            break
+        b = generate(task, T, batch, gen)
+        b = Batch(b.x.to(device), b.y.to(device))
+        t0 = time.perf_counter()
+        extra: dict = {}
+        if cfg["optimizer"] == "hf":
+            nc = min(cfg["curvature_batch_size"], batch)
+            c = Batch(b.x[:, :nc], b.y[:nc])
+            structural = cfg["mu"] > 0
+            loss = opt.step(closure_for(b, structural), closure_for(c, structural) if nc < batch else None)
+            d = opt.last_step
+            extra = {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations}
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = closure_for(b, False)()
+            loss.backward()
+            if cfg["clip"]:
+                torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            opt.step()
+        train_time += time.perf_counter() - t0
+        cases += batch
+        it += 1
+        if bar is not None:
+            bar.update(min(time.perf_counter() - t0, max(budget - bar.n, 0)) if budget > 0 else 1)
+        if (eval_every is None) or train_time - last_eval >= eval_every:
+            extra["train_loss"] = float(loss.detach())
+            row = evaluate(it, train_time, cases, extra)
+            last_eval = train_time
+            if bar is not None:
+                bar.set_postfix(test_err=f"{row['test_error']:.3f}")
+            if row["test_error"] < 0.01:
+                solved_at, status = row["time_s"], "solved"
+                break
+        if not all(math.isfinite(float(p.detach().abs().max())) for p in params):
+            status = "diverged"
+            break
+    if bar is not None:
+        bar.close()
+    if history[-1]["iter"] != it:
+        evaluate(it, train_time, cases, {})
+    final = dict(history[-1])
+    final.update(iterations=it, status=status, solved=status == "solved", solved_at_s=solved_at,
+                 torch_threads=torch.get_num_threads())
+    return {"config": dict(cfg), "history": history, "final": final}
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg = vars(args).copy()
+    result = run(cfg, progress=not args.no_progress)
+    stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    from recipes.plot import plot_results
+
+    plot_results([str(out / f"{stem}.json")], str(out / f"{stem}.png"), metric="test_error", dashed=None,
+                 title=f"{cfg['task']} T={cfg['T']}, {cfg['optimizer']}")
+    f = result["final"]
+    print(f"{cfg['optimizer']} on {cfg['task']} T={cfg['T']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
+          f"test error {f['test_error']:.4f} ({f['status']}) -> {out / stem}.json/.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
