@@ -99,11 +99,12 @@ def load_curves(cache_dir: str | os.PathLike | None = None, n_train: int = 20000
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) into a numpy array."""
+    """Read one IDX file (gzipped or not, told by its first bytes) into a numpy array."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
+    with open(path, "rb") as fh:
         data = fh.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

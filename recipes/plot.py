@@ -15,6 +15,8 @@ def _label(result: dict, path: str) -> str:
     cfg = result.get("config", {})
     name = cfg.get("optimizer", Path(path).stem)
     extra = f" lr={cfg['lr']:g}" if cfg.get("optimizer") in ("adam", "sgd") and cfg.get("lr") is not None else ""
+    if cfg.get("optimizer") == "hf" and cfg.get("gradient_batch"):
+        extra = f" {cfg['gradient_batch']}/{cfg.get('curvature_batch') or cfg['gradient_batch']}"
     return f"{name}{extra}"
 
 
@@ -68,7 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--title", default=None)
     ap.add_argument("--metric", default="train_error")
     args = ap.parse_args(argv)
-    print(plot_results(args.results, args.out, args.title, args.metric))
+    print(plot_results(args.results, args.out, args.title, args.metric,
+                       dashed=None if args.metric == "test_error" else "test_error"))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def test_curves_are_cached_on_disk(tmp_path):
 def _write_idx(path, array, gz=False):
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as fh:
+        fh.write(data)
 
 
 @pytest.mark.parametrize("gz", [False, True])

@@ -149,11 +149,13 @@ def _check_outputs_independent(outputs: tuple[Tensor, ...]) -> None:
     # that output feeds another one.
     stack = [c for n, _ in edges for c, _ in n.next_functions if c is not None]
     visited: set[int] = set()
+    alive = [n for n, _ in edges]  # ids of node wrappers are only unique while they live
     while stack:
         node = stack.pop()
         if id(node) in visited:
             continue
         visited.add(id(node))
+        alive.append(node)
         if id(node) in targets:
             raise ClosureError(
                 f"output {targets[id(node)]} is used to compute another output; the GGN treats the "
@@ -165,15 +167,18 @@ def _check_outputs_independent(outputs: tuple[Tensor, ...]) -> None:
 
 def _check_loss_through_outputs(loss: Tensor, outputs: tuple[Tensor, ...], params: list[Tensor]) -> None:
     """Raise when the loss reaches a parameter other than through the outputs."""
-    stop = {id(_node(o)) for o in outputs}
+    stop_nodes = [_node(o) for o in outputs]  # kept alive: ids of node wrappers can be reused
+    stop = {id(n) for n in stop_nodes}
     param_ids = {id(p) for p in params}
     stack = [loss.grad_fn]
     visited: set[int] = set()
+    alive: list = []
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited or id(node) in stop:
             continue
         visited.add(id(node))
+        alive.append(node)
         var = getattr(node, "variable", None)
         if var is not None and id(var) in param_ids:
             raise ClosureError(

@@ -78,18 +78,23 @@ def unroll(cell, inputs: Tensor, h0: Tensor, checkpoint: int | str | None = None
     if T == 0:
         raise ValueError("inputs must have at least one time step")
     if checkpoint is None:
+        k = T
+    elif checkpoint == "sqrt":
+        k = max(1, math.ceil(math.sqrt(T)))
+    elif isinstance(checkpoint, int) and checkpoint >= 1:
+        k = checkpoint
+    else:
+        raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int, got {checkpoint!r}")
+
+    # Without grad nothing is saved for backward, so there is nothing to checkpoint (and
+    # forward-mode AD, which the recomputed GGN products use, need not pass through it).
+    if checkpoint is None or not torch.is_grad_enabled():
         states, h = [], h0
         for t in range(T):
             h = cell(inputs[t], h)
             if return_states:
                 states.append(h)
         return torch.stack(states) if return_states else h
-    if checkpoint == "sqrt":
-        k = max(1, math.ceil(math.sqrt(T)))
-    elif isinstance(checkpoint, int) and checkpoint >= 1:
-        k = checkpoint
-    else:
-        raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int, got {checkpoint!r}")
 
     def segment(h: Tensor, xs: Tensor):
         seg = []
