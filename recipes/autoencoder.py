@@ -19,7 +19,6 @@ the 0..1 pixel scale. Results go to ``--out`` as JSON (``{"config", "history",
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import plot_results  # noqa: E402
+from recipes.plot import save_results  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
 LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
@@ -350,11 +349,7 @@ def main(argv=None) -> dict | None:
     if result is None:  # not rank 0 of a distributed run
         return None
     json_path, png_path = output_paths(cfg)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(json_path, "w") as fh:
-        json.dump(result, fh, indent=1)
-    plot_results([str(json_path)], str(png_path),
-                 title=f"{cfg['dataset'].upper()} autoencoder, {cfg['optimizer']}")
+    save_results(result, json_path, png_path, title=f"{cfg['dataset'].upper()} autoencoder, {cfg['optimizer']}")
     f = result["final"]
     print(f"{cfg['optimizer']} on {cfg['dataset']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
           f"train error {f['train_error']:.4f}, test error {f['test_error']:.4f} -> {json_path}, {png_path}")

@@ -63,6 +63,14 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
     return out
 
 
+def save_results(result: dict, json_path: str | Path, png_path: str | Path, title: str, **plot_kwargs) -> None:
+    """Write a recipe's results JSON and its PNG (``plot_kwargs`` go to :func:`plot_results`)."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    plot_results([str(json_path)], str(png_path), title=title, **plot_kwargs)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="result JSON files written by a recipe")

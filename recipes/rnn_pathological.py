@@ -36,7 +36,6 @@ metric) and a PNG of the test error against wall time and against iterations.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -50,6 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
+from recipes.plot import save_results  # noqa: E402
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -330,12 +330,8 @@ def main(argv=None) -> dict:
     result = run(cfg, progress=not args.no_progress)
     stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    from recipes.plot import plot_results
-
-    plot_results([str(out / f"{stem}.json")], str(out / f"{stem}.png"), metric="test_error", dashed=None,
-                 title=f"{cfg['task']} T={cfg['T']}, {cfg['optimizer']}")
+    save_results(result, out / f"{stem}.json", out / f"{stem}.png", title=f"{cfg['task']} T={cfg['T']}, "
+                 f"{cfg['optimizer']}", metric="test_error", dashed=None)
     f = result["final"]
     print(f"{cfg['optimizer']} on {cfg['task']} T={cfg['T']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
           f"test error {f['test_error']:.4f} ({f['status']}) -> {out / stem}.json/.png")

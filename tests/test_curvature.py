@@ -1,5 +1,4 @@
 """GGN and Hessian operators: exactness against dense references, activation caching, bad closures."""
-import math
 
 import pytest
 import torch

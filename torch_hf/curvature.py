@@ -339,9 +339,20 @@ class GGN(_CurvatureBase):
         """Outputs and extras with a live graph: the cached ones, or a fresh forward pass."""
         if not self.recompute:
             return self.outputs, self.extras
-        box: list | None = [] if self._extra_hvp is not None else None
-        _, outputs = evaluate_closure(self._closure, need_outputs=True, extras=box)
-        return outputs, (box[0] if box else ())
+        with torch.enable_grad():
+            return self._split(self._closure())
+
+    def _split(self, result) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Outputs and extras of a recomputed closure call. The closure passed the full
+        checks of :func:`evaluate_closure` once, in ``__init__``; they are not repeated per
+        product (the finite-loss check would cost a host synchronisation each time)."""
+        if not isinstance(result, (tuple, list)) or len(result) != (3 if self.extras else 2):
+            raise ClosureError("the closure changed what it returns between calls")
+        outputs = (result[1],) if isinstance(result[1], Tensor) else tuple(result[1])
+        extras = ()
+        if self.extras:
+            extras = (result[2],) if isinstance(result[2], Tensor) else tuple(result[2])
+        return outputs, extras
 
     def _forward_mode_jvp(self, parts: list[Tensor]) -> tuple[Tensor, ...]:
         """J v by forward-mode AD: the parameters become dual tensors in place (same
@@ -354,27 +365,16 @@ class GGN(_CurvatureBase):
             with torch.no_grad(), fwAD.dual_level():
                 for p, t in zip(self.params, parts):
                     p.copy_(fwAD.make_dual(p.detach().clone(), t))
-                return self._read_tangents(self._closure())
+                outputs, extras = self._split(self._closure())
+                tangents = [fwAD.unpack_dual(o).tangent for o in outputs + extras]
+                return tuple(torch.zeros_like(o) if t is None else t.clone() for o, t in
+                             zip(self.outputs + self.extras, tangents))
         finally:
             # The values were rewritten bit for bit: put the version counters back, so
             # graphs that saved the parameters (other operators, the user's) stay usable.
             reset = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
             if reset is not None:
                 reset(tuple(self.params), tuple(versions))
-
-    def _read_tangents(self, result) -> tuple[Tensor, ...]:
-        import torch.autograd.forward_ad as fwAD
-
-        if not isinstance(result, (tuple, list)) or len(result) < 2:
-            raise ClosureError("the closure changed what it returns between calls")
-        outputs = result[1]
-        outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
-        if self.extras:
-            extras = result[2]
-            outputs = outputs + ((extras,) if isinstance(extras, Tensor) else tuple(extras))
-        tangents = tuple(fwAD.unpack_dual(o).tangent for o in outputs)
-        return tuple(torch.zeros_like(o) if t is None else t.clone() for o, t in
-                     zip(self.outputs + self.extras, tangents))
 
     def loss_hvp(self, u: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
         """L'' u: the loss Hessian w.r.t. the outputs times ``u`` (shaped like the outputs)."""

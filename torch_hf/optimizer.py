@@ -375,10 +375,12 @@ class HessianFree(torch.optim.Optimizer):
                 raise
             failure = exc  # tell the other processes before raising, so none is left waiting
         if reducer is not None:
-            flag = reducer.mean_float(0.0 if failure is None else 1.0, params[0])
-            if flag != 0.0:
+            # One all-reduce carries the loss and any failure: a NaN from a failed process
+            # makes the mean NaN everywhere, so every process raises and none is left waiting.
+            mean_loss = reducer.mean_float(math.nan if failure is not None else float(f_loss), params[0])
+            if not math.isfinite(mean_loss):
                 raise failure or NonFiniteLossError("the loss is not finite on another process of the group")
-            f_loss = reducer.mean(f_loss.reshape(1)).reshape(())
+            f_loss = torch.tensor(mean_loss, dtype=f_loss.dtype, device=f_loss.device)
             f_grad = reducer.mean(f_grad)
         theta0 = torch.cat([p.detach().reshape(-1) for p in params])
         loss_before = float(f_loss)
@@ -393,13 +395,11 @@ class HessianFree(torch.optim.Optimizer):
         # 3: damping and preconditioner for this step.
         t = time.perf_counter()
         lam = self.damping.value
-        if reducer is None:
-            self.damping.prepare(DampingContext(curvature=op, params=params))
-            self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd))
-        else:
-            self.damping.prepare(DampingContext(curvature=op, params=params, reduce=reducer.mean))
-            self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd),
-                                       reduce=reducer.mean)
+        # `reduce` only under data parallelism: custom preconditioners need not accept it.
+        reduce_kwargs = {} if reducer is None else {"reduce": reducer.mean}
+        self.damping.prepare(DampingContext(curvature=op, params=params, **reduce_kwargs))
+        self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd),
+                                   **reduce_kwargs)
         times["preconditioner"] = time.perf_counter() - t
 
         products = [0]
