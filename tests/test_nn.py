@@ -135,6 +135,37 @@ def test_recompute_with_structural_damping_and_in_the_optimizer():
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_products_through_unrolled_states_are_linear_in_T(checkpoint):
+    # Stacking the states with torch.stack makes every cached product differentiate one
+    # select per step, each writing into a zero tensor of the whole sequence (O(T²)); the
+    # unroll's own stacking is differentiated by a single cat. Count the ops that would.
+    T, B, H = 16, 3, 4
+    torch.manual_seed(0)
+    inp, rec, out = torch.nn.Linear(2, H).double(), torch.nn.Linear(H, H, bias=False).double(), \
+        torch.nn.Linear(H, 1).double()
+    params = [*inp.parameters(), *rec.parameters(), *out.parameters()]
+    x, y = torch.randn(T, B, 2, dtype=torch.float64), torch.randn(T, B, 1, dtype=torch.float64)
+
+    def closure():
+        hs = torch_hf.nn.unroll(lambda xt, h: torch.tanh(xt + rec(h)), inp(x), torch.zeros(B, H, dtype=torch.float64),
+                                checkpoint=checkpoint)
+        z = out(hs)
+        return F.mse_loss(z, y), z
+
+    op = torch_hf.GGN(params, closure)
+    v = torch.randn(op.numel, dtype=torch.float64)
+    with torch.profiler.profile() as prof:
+        op.mv(v)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::mm") > 0  # the profile did record the product
+    # none per step: at most one per checkpointed segment (the state handed to the next
+    # segment, a segment-sized tensor)
+    per_segment = 0 if checkpoint is None else T // 4
+    assert names.count("aten::select_backward") <= per_segment
+    assert names.count("aten::slice_backward") == 0
+
+
 def test_unroll_rejects_bad_arguments():
     params, _ = _rnn()
     with pytest.raises(ValueError, match="checkpoint"):

@@ -54,6 +54,46 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return t if device is None else t.to(device, non_blocking=self.pin_memory)
 
 
+class _StackSteps(torch.autograd.Function):
+    """``torch.cat`` along dim 0 whose backward is ``split`` (a ``SplitBackward`` node).
+
+    ``torch.stack``/``torch.cat`` take the gradient apart with one ``select``/``narrow``
+    per piece; a GGN product differentiates that backward again (§7.1's cached
+    products), and the derivative of each ``select`` writes its piece into a zero tensor
+    the size of the whole sequence: O(T²) time and traffic per product. ``split``'s own
+    derivative is a single ``cat``, so products stay O(T).
+    """
+
+    generate_vmap_rule = True  # torch.func transforms may pass through unroll too
+
+    @staticmethod
+    def forward(*pieces: Tensor) -> Tensor:
+        return torch.cat(pieces)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.sizes = [p.shape[0] for p in inputs]
+        ctx.like = [(p.shape, p.dtype, p.device) for p in inputs]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.split(ctx.sizes)
+
+    @staticmethod
+    def jvp(ctx, *tangents: Tensor | None) -> Tensor:
+        # pieces that do not depend on the dual inputs come without a tangent
+        return torch.cat([torch.zeros(s, dtype=d, device=dev) if t is None else t
+                          for t, (s, d, dev) in zip(tangents, ctx.like)])
+
+
+def _stack(states: list[Tensor]) -> Tensor:
+    return _StackSteps.apply(*(h.unsqueeze(0) for h in states))
+
+
+def _cat(pieces: list[Tensor]) -> Tensor:
+    return _StackSteps.apply(*pieces)
+
+
 def unroll(cell, inputs: Tensor, h0: Tensor, checkpoint: int | str | None = None,
            return_states: bool = True) -> Tensor:
     """Run a recurrent ``cell(x_t, h) -> h`` over ``inputs`` (time first: T × ...).
@@ -90,26 +130,28 @@ def unroll(cell, inputs: Tensor, h0: Tensor, checkpoint: int | str | None = None
     # forward-mode AD, which the recomputed GGN products use, need not pass through it).
     if checkpoint is None or not torch.is_grad_enabled():
         states, h = [], h0
-        for t in range(T):
-            h = cell(inputs[t], h)
+        # unbind, not inputs[t]: each indexing op's backward would write its step into a
+        # zero tensor the size of the whole sequence, O(T²) memory traffic per backward.
+        for x_t in inputs.unbind(0):
+            h = cell(x_t, h)
             if return_states:
                 states.append(h)
-        return torch.stack(states) if return_states else h
+        return _stack(states) if return_states else h
 
     def segment(h: Tensor, xs: Tensor):
         seg = []
-        for t in range(xs.shape[0]):
-            h = cell(xs[t], h)
+        for x_t in xs.unbind(0):
+            h = cell(x_t, h)
             if return_states:
                 seg.append(h)
-        return torch.stack(seg) if return_states else h
+        return _stack(seg) if return_states else h
 
     pieces, h = [], h0
-    for start in range(0, T, k):
-        out = torch.utils.checkpoint.checkpoint(segment, h, inputs[start:start + k], use_reentrant=False)
+    for xs in inputs.split(k):  # split, not slicing: see _StackSteps
+        out = torch.utils.checkpoint.checkpoint(segment, h, xs, use_reentrant=False)
         if return_states:
             pieces.append(out)
             h = out[-1]
         else:
             h = out
-    return torch.cat(pieces) if return_states else h
+    return _cat(pieces) if return_states else h
