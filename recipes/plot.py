@@ -29,9 +29,11 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    clocks = set()
     for i, path in enumerate(paths):
         with open(path) as fh:
             result = json.load(fh)
+        clocks.add(result.get("config", {}).get("clock") or "wall")
         rows = [r for r in result["history"] if r.get(metric) is not None]
         if not rows:
             continue
@@ -44,7 +46,8 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
             if test:
                 ax.plot([r[key] for r in test], [r[dashed] for r in test], color=color, ls="--",
                         label=f"{label} {dashed.split('_')[0]}")
-    for ax, xlabel in zip(axes, ("training wall time (s)", "epochs")):
+    clock = {"wall": "wall", "cpu": "CPU"}.get(clocks.pop(), "") if len(clocks) == 1 else "wall or CPU"
+    for ax, xlabel in zip(axes, (f"training {clock} time (s)", "epochs")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric.replace("_", " "))
         values = [y for line in ax.get_lines() for y in line.get_ydata()]

@@ -28,7 +28,7 @@ per update, and a fixed test set of ``--test-size`` sequences):
 Initialization (Martens & Sutskever 2011): every unit gets 15 nonzero incoming weights
 drawn from N(0, 1) (all of them when there are fewer inputs), biases 0, and the recurrent
 matrix is rescaled to spectral radius 1.1. HF: GGN with structural damping (μ = 1/30 of
-λ by default), GGN-diagonal preconditioner, CG up to 300 iterations.
+λ by default), no preconditioner (§11), CG up to 300 iterations.
 
 Writes JSON (``{"config", "history", "final"}``, the test error being the task's success
 metric) and a PNG of the test error against wall time and against iterations.
@@ -36,8 +36,11 @@ metric) and a PNG of the test error against wall time and against iterations.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cg-tol", type=float, default=5e-4)
     ap.add_argument("--damping", type=float, default=0.1, help="HF: initial lambda")
     ap.add_argument("--mu", type=float, default=1 / 30, help="HF: structural damping ratio (0 disables it)")
+    ap.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
+                    help="HF: none (Martens & Sutskever 2011; §11: RNNs gain little from diagonal "
+                         "preconditioning, and the weights shared over time make the diagonal estimate noisy) "
+                         "or the GGN diagonal^0.75")
     ap.add_argument("--checkpoint", action="store_true",
                     help="HF: sqrt(T) checkpointed unroll with recomputed curvature products (§7.1)")
     ap.add_argument("--lr", type=float, default=None, help="adam 1e-3, sgd 1e-2 (with momentum)")
@@ -227,7 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run(cfg: dict, progress: bool = True) -> dict:
+def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
+    """Train as ``cfg`` says (the parsed CLI as a dict) and return the results dict.
+
+    ``on_evaluate(partial_results)`` is called after every evaluation (the CLI writes
+    the JSON there, so a run that is killed keeps what it measured). Ctrl-C or SIGTERM
+    stops training at the next update with status ``"interrupted"``.
+    """
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -245,8 +258,10 @@ def run(cfg: dict, progress: bool = True) -> dict:
     if cfg["optimizer"] == "hf":
         damping = (torch_hf.damping.Structural(cfg["damping"], mu=cfg["mu"], batch_dim=1) if cfg["mu"] > 0
                    else torch_hf.damping.Tikhonov(cfg["damping"]))
-        opt = torch_hf.HessianFree(params, damping=damping, cg_max_iters=cfg["cg_max_iters"], cg_tol=cfg["cg_tol"],
-                                   recompute=bool(checkpoint))
+        pre = (torch_hf.preconditioners.GGNDiagonal(0.75) if cfg.get("preconditioner") == "ggn"
+               else torch_hf.preconditioners.Identity())
+        opt = torch_hf.HessianFree(params, damping=damping, preconditioner=pre, cg_max_iters=cfg["cg_max_iters"],
+                                   cg_tol=cfg["cg_tol"], recompute=bool(checkpoint))
     elif cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=cfg["lr"])
     else:
@@ -284,11 +299,23 @@ def run(cfg: dict, progress: bool = True) -> dict:
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}{postfix}]")
     evaluate(0, 0.0, 0, {})
     train_time, cases, it, last_eval, solved_at, status = 0.0, 0, 0, 0.0, None, "budget"
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     while True:
         if max_iters and it >= max_iters:
             status = "max_iters"
             break
         if budget > 0 and train_time >= budget:
+            break
+        if stop_requested:
+            status = "interrupted"
             break
         b = generate(task, T, batch, gen)
         b = Batch(b.x.to(device), b.y.to(device))
@@ -320,12 +347,17 @@ def run(cfg: dict, progress: bool = True) -> dict:
             last_eval = train_time
             if bar is not None:
                 bar.set_postfix(test_err=f"{row['test_error']:.3f}")
+            if on_evaluate is not None:
+                on_evaluate({"config": dict(cfg), "history": history,
+                             "final": dict(row, iterations=it, status="running")})
             if row["test_error"] < 0.01:
                 solved_at, status = row["time_s"], "solved"
                 break
         if not all(math.isfinite(float(p.detach().abs().max())) for p in params):
             status = "diverged"
             break
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if bar is not None:
         bar.close()
     if history[-1]["iter"] != it:
@@ -339,9 +371,14 @@ def run(cfg: dict, progress: bool = True) -> dict:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = vars(args).copy()
-    result = run(cfg, progress=not args.no_progress)
     stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
     out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_partial(partial: dict) -> None:
+        (out / f"{stem}.json").write_text(json.dumps(partial, indent=1))
+
+    result = run(cfg, progress=not args.no_progress, on_evaluate=write_partial)
     save_results(result, out / f"{stem}.json", out / f"{stem}.png", title=f"{cfg['task']} T={cfg['T']}, "
                  f"{cfg['optimizer']}", metric="test_error", dashed=None)
     f = result["final"]
