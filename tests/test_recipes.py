@@ -127,3 +127,27 @@ def test_rnn_recipe_smoke(tmp_path):
         assert 0 <= saved["final"]["test_error"] <= 1
         assert stem.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
     assert "--task" in rp.build_parser().format_help()
+
+
+def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+
+    from recipes import rnn_pathological as rp
+
+    cfg = vars(rp.build_parser().parse_args(
+        ["--task", "addition", "--T", "12", "--hidden", "8", "--optimizer", "adam", "--max-iters", "50",
+         "--time-budget", "0", "--test-size", "20", "--out", str(tmp_path)]))
+    seen = []
+
+    def on_evaluate(partial):
+        seen.append(json.loads(json.dumps(partial)))  # what the CLI writes must be JSON
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: stop after this update, keep the results
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = rp.run(cfg, progress=False, on_evaluate=on_evaluate)
+    assert result["final"]["status"] == "interrupted" and result["final"]["iterations"] == 3
+    assert [p["final"]["status"] for p in seen] == ["running"] * 3
+    assert [len(p["history"]) for p in seen] == [2, 3, 4]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
