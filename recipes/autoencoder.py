@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import save_results  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, save_results  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
 LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
@@ -55,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
     ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
                     help=f"seconds of training (evaluation excluded); 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="what the budget counts: wall time, or this process's CPU time (fair when other jobs "
-                         "share the machine; use with --threads)")
+    add_clock_option(ap)
     ap.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
     ap.add_argument("--full", action="store_true",
                     help="the paper's HF schedule: gradient on the whole training set, curvature on a quarter, "
@@ -197,7 +194,7 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
 
     budget = cfg["time_budget"] or 0.0
     max_iters = cfg.get("max_iters")
-    clock = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
+    clock = budget_clock(cfg.get("clock"))
     if budget <= 0 and not max_iters:
         raise SystemExit("give a --time-budget or --max-iters")
     eval_every = cfg.get("eval_every") or (budget / 40 if budget > 0 else None)

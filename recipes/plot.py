@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _label(result: dict, path: str) -> str:
@@ -66,11 +67,28 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
     return out
 
 
-def save_results(result: dict, json_path: str | Path, png_path: str | Path, title: str, **plot_kwargs) -> None:
-    """Write a recipe's results JSON and its PNG (``plot_kwargs`` go to :func:`plot_results`)."""
+def add_clock_option(ap: argparse.ArgumentParser) -> None:
+    """The recipes' ``--clock`` option: what a ``--time-budget`` counts."""
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what the budget counts: wall time, or this process's CPU time (fair when other jobs "
+                         "share the machine; use with --threads)")
+
+
+def budget_clock(name: str | None) -> Callable[[], float]:
+    """The timer a ``--clock`` value names (default wall time)."""
+    return time.process_time if name == "cpu" else time.perf_counter
+
+
+def write_json(result: dict, json_path: str | Path) -> None:
+    """Write a recipe's results dict (also used for the partial results of a running job)."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
+
+
+def save_results(result: dict, json_path: str | Path, png_path: str | Path, title: str, **plot_kwargs) -> None:
+    """Write a recipe's results JSON and its PNG (``plot_kwargs`` go to :func:`plot_results`)."""
+    write_json(result, json_path)
     plot_results([str(json_path)], str(png_path), title=title, **plot_kwargs)
 
 

@@ -36,12 +36,10 @@ metric) and a PNG of the test error against wall time and against iterations.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import save_results  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, save_results, write_json  # noqa: E402
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -204,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hidden", type=int, default=100)
     ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
                     help=f"seconds of training, evaluation excluded; 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="what the budget counts: wall time, or this process's CPU time (fair when "
-                    "other jobs share the machine; use with --threads)")
+    add_clock_option(ap)
     ap.add_argument("--max-iters", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None, help="gradient minibatch (hf 1000, adam/sgd 100)")
     ap.add_argument("--curvature-batch-size", type=int, default=250, help="HF curvature minibatch (§12.1)")
@@ -286,7 +282,7 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
         return row
 
     budget, max_iters = cfg["time_budget"] or 0.0, cfg.get("max_iters")
-    clock = time.process_time if cfg.get("clock") == "cpu" else time.perf_counter
+    clock = budget_clock(cfg.get("clock"))
     if budget <= 0 and not max_iters:
         raise SystemExit("give a --time-budget or --max-iters")
     eval_every = cfg.get("eval_every") or (budget / 50 if budget > 0 else None)
@@ -373,12 +369,8 @@ def main(argv=None) -> dict:
     cfg = vars(args).copy()
     stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write_partial(partial: dict) -> None:
-        (out / f"{stem}.json").write_text(json.dumps(partial, indent=1))
-
-    result = run(cfg, progress=not args.no_progress, on_evaluate=write_partial)
+    result = run(cfg, progress=not args.no_progress,
+                 on_evaluate=lambda partial: write_json(partial, out / f"{stem}.json"))
     save_results(result, out / f"{stem}.json", out / f"{stem}.png", title=f"{cfg['task']} T={cfg['T']}, "
                  f"{cfg['optimizer']}", metric="test_error", dashed=None)
     f = result["final"]

@@ -72,12 +72,11 @@ class _StackSteps(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.sizes = [p.shape[0] for p in inputs]
         ctx.like = [(p.shape, p.dtype, p.device) for p in inputs]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad.split(ctx.sizes)
+        return grad.split([shape[0] for shape, _, _ in ctx.like])
 
     @staticmethod
     def jvp(ctx, *tangents: Tensor | None) -> Tensor:
