@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, save_results  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, check_args, save_results  # noqa: E402
+from recipes.plot import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
 LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="results", help="directory for the JSON and PNG (default results/)")
+    ap.add_argument("--out", default="results",
+                    help="directory for the JSON and PNG (default results/), or a .json file path")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -339,13 +341,18 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
     stem = f"autoencoder_{cfg['dataset']}_{cfg['optimizer']}_seed{cfg['seed']}"
     if cfg.get("tag"):
         stem += f"_{cfg['tag']}"
-    out = Path(cfg["out"])
-    return out / f"{stem}.json", out / f"{stem}.png"
+    return _output_paths(cfg["out"], stem)
 
 
 def main(argv=None) -> dict | None:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args, positive=("curvature_batch_size", "cg_max_iters", "max_iters", "train_size", "test_size",
+                                   "eval_every", "threads", "lr"),
+               non_negative=("batch_size", "time_budget", "cg_tol", "damping", "cg_decay", "momentum",
+                             "weight_decay"))
     cfg = _config(args)
+    output_paths(cfg)  # a bad --out fails now, not after the run
     result = run(cfg, progress=not args.no_progress)
     if result is None:  # not rank 0 of a distributed run
         return None

@@ -6,21 +6,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+import torch_hf
+
 MNIST_LAYERS = (784, 1000, 500, 250, 30)
 CURVES_LAYERS = (784, 400, 200, 100, 50, 25, 6)
 
 
 def sparse_init_(linear: nn.Linear, nonzero: int = 15, scale: float = 1.0, generator: torch.Generator | None = None) -> None:
-    """Sparse initialization of Martens (2010): each unit gets ``nonzero`` random incoming
-    weights drawn from N(0, scale²), all others and the bias are zero."""
-    out_features, in_features = linear.weight.shape
-    k = min(nonzero, in_features)
-    with torch.no_grad():
-        linear.weight.zero_()
-        linear.bias.zero_()
-        for row in range(out_features):
-            idx = torch.randperm(in_features, generator=generator)[:k]
-            linear.weight[row, idx] = torch.randn(k, generator=generator, dtype=linear.weight.dtype) * scale
+    """Sparse initialization of Martens (2010); see :func:`torch_hf.nn.sparse_init_`."""
+    torch_hf.nn.sparse_init_(linear, nonzero=nonzero, scale=scale, generator=generator)
 
 
 def deep_autoencoder(encoder_sizes: Sequence[int] = MNIST_LAYERS, sparse: bool = True,

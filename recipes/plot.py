@@ -83,6 +83,45 @@ def budget_clock(name: str | None) -> Callable[[], float]:
     return time.process_time if name == "cpu" else time.perf_counter
 
 
+def output_paths(out: str | Path, stem: str) -> tuple[Path, Path]:
+    """Where a recipe writes: ``out`` is a directory (``<out>/<stem>.json`` and ``.png``) or a
+    ``.json`` file path (the PNG goes beside it). Raises ``SystemExit`` with the reason when
+    ``out`` names something of the other kind."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        if out.is_dir():
+            raise SystemExit(f"--out {out}: that is a directory; give a .json file path or a directory")
+        return out, out.with_suffix(".png")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: that is a file; give a directory or a .json file path")
+    return out / f"{stem}.json", out / f"{stem}.png"
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = (),
+               non_negative: Sequence[str] = ()) -> None:
+    """Reject option values that would run but mean nothing (``ap.error`` names the option):
+    ``positive`` and ``non_negative`` list attribute names (``None`` values are skipped);
+    ``--device`` must be available here."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                ap.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            ap.error(f"--device {device}: {exc}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                     "use --device cpu")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            ap.error(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
 def write_json(result: dict, json_path: str | Path) -> None:
     """Write a recipe's results dict (also used for the partial results of a running job)."""
     json_path = Path(json_path)

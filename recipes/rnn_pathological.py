@@ -53,7 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, save_results, write_json  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, check_args, output_paths, save_results, write_json  # noqa: E402
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -385,17 +385,20 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args, positive=("T", "hidden", "input_scale", "max_iters", "batch_size", "curvature_batch_size",
+                                   "cg_max_iters", "test_size", "eval_every", "threads", "lr"),
+               non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
     cfg = vars(args).copy()
     stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
-    out = Path(cfg["out"])
-    result = run(cfg, progress=not args.no_progress,
-                 on_evaluate=lambda partial: write_json(partial, out / f"{stem}.json"))
-    save_results(result, out / f"{stem}.json", out / f"{stem}.png", title=f"{cfg['task']} T={cfg['T']}, "
+    json_path, png_path = output_paths(cfg["out"], stem)
+    result = run(cfg, progress=not args.no_progress, on_evaluate=lambda partial: write_json(partial, json_path))
+    save_results(result, json_path, png_path, title=f"{cfg['task']} T={cfg['T']}, "
                  f"{cfg['optimizer']}", metric="test_error", dashed=None)
     f = result["final"]
     print(f"{cfg['optimizer']} on {cfg['task']} T={cfg['T']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
-          f"test error {f['test_error']:.4f} ({f['status']}) -> {out / stem}.json/.png")
+          f"test error {f['test_error']:.4f} ({f['status']}) -> {json_path}, {png_path}")
     return result
 
 

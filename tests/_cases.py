@@ -137,3 +137,46 @@ def make_case(name: str, seed: int = 0) -> Case:
 
 
 ALL_CASES = ["mlp_tanh_mse", "mlp_sigmoid_bce", "mlp_tanh_ce", "conv_ce", "rnn_tuple_mse", "tied_autoencoder_bce"]
+
+
+class PoissonResiduals:
+    """A PINN-style closure: the outputs are residuals Δu + f built by ``torch.autograd.grad``
+    of a tiny tanh network w.r.t. its *inputs* (plus boundary values), loss ‖r‖²."""
+
+    def __init__(self, seed: int = 0, n_interior: int = 6, n_boundary: int = 3, width: int = 4):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                                   nn.Linear(width, 1)).double()
+        self.x_int = torch.rand(n_interior, 2, generator=g, dtype=torch.float64)
+        self.x_bnd = torch.rand(n_boundary, 2, generator=g, dtype=torch.float64)
+        self.f = torch.randn(n_interior, generator=g, dtype=torch.float64)
+
+    @property
+    def params(self):
+        return list(self.model.parameters())
+
+    def residuals(self, model_fn):
+        x = self.x_int.clone().requires_grad_(True)
+        u = model_fn(x).squeeze(-1)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        lap = sum(torch.autograd.grad(du[:, d].sum(), x, create_graph=True)[0][:, d] for d in range(2))
+        return torch.cat([lap + self.f, model_fn(self.x_bnd).squeeze(-1)])
+
+    def closure(self):
+        r = self.residuals(self.model)
+        return (r ** 2).sum(), r
+
+    def dense_ggn(self):
+        names = [n for n, _ in self.model.named_parameters()]
+        theta = torch.nn.utils.parameters_to_vector(self.params).detach().clone()
+
+        def r_of(flat):
+            d, off = {}, 0
+            for n, p in zip(names, self.params):
+                d[n] = flat[off: off + p.numel()].view_as(p)
+                off += p.numel()
+            return self.residuals(lambda x: functional_call(self.model, d, (x,)))
+
+        jac = torch.autograd.functional.jacobian(r_of, theta)
+        return 2 * jac.T @ jac  # L'' of ‖r‖² is 2I

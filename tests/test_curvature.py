@@ -225,3 +225,37 @@ def test_bad_params_raise(mlp):
         torch_hf.GGN(mlp.params[0], mlp.closure)
     with pytest.raises(ValueError, match="requires grad"):
         torch_hf.GGN([torch.zeros(3)], mlp.closure)
+
+
+def test_ggn_matches_dense_reference_for_residuals_built_from_input_derivatives():
+    # A PINN: the outputs are Δu + f, computed with autograd.grad w.r.t. the inputs inside the closure.
+    from _cases import PoissonResiduals
+
+    case = PoissonResiduals()
+    ggn = torch_hf.GGN(case.params, case.closure)
+    reference = case.dense_ggn()
+    assert reference.norm() > 0
+    assert rel(ggn.dense(), reference) <= 1e-8
+    assert ggn.matching_loss is None or ggn.matching_loss.name == "squared_error"
+
+
+def test_standard_pytorch_closure_gets_the_contract_in_the_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    opt = torch_hf.HessianFree(model.parameters())
+
+    def standard_closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ClosureError, match=r"(?s)called backward\(\).*return loss_fn\(outputs, y\), outputs"):
+        opt.step(standard_closure)
+
+    def loss_only():
+        return F.mse_loss(model(x), y)
+
+    with pytest.raises(ClosureError, match=r"(?s)returned only the loss.*return loss_fn\(outputs, y\), outputs"):
+        opt.step(loss_only)
+    assert all(p.grad is not None for p in model.parameters())  # only the user's own backward() wrote them

@@ -174,3 +174,24 @@ def test_unroll_rejects_bad_arguments():
         torch_hf.nn.unroll(lambda x, h: h, torch.zeros(0, 1), torch.zeros(1))
     with pytest.raises(ValueError, match="recompute"):
         torch_hf.HessianFree(params, curvature="hessian", recompute=True)
+
+
+def test_sparse_init_gives_each_unit_k_gaussian_incoming_weights_and_zero_bias():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(40, 30), nn.Sigmoid(), nn.Linear(30, 5))
+    out = torch_hf.nn.sparse_init_(model, nonzero=15, generator=torch.Generator().manual_seed(0))
+    assert out is model
+    assert ((model[0].weight != 0).sum(1) == 15).all() and ((model[2].weight != 0).sum(1) == 15).all()
+    assert (model[0].bias == 0).all() and (model[2].bias == 0).all()
+    nonzero = model[0].weight[model[0].weight != 0]
+    assert 0.7 < float(nonzero.std()) < 1.3  # N(0, 1) entries
+    again = nn.Sequential(nn.Linear(40, 30), nn.Sigmoid(), nn.Linear(30, 5))
+    torch_hf.nn.sparse_init_(again, nonzero=15, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0].weight, model[0].weight)
+    narrow = torch_hf.nn.sparse_init_(nn.Linear(3, 4), nonzero=15)  # fan-in below k: all weights drawn
+    assert (narrow.weight != 0).all()
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        torch_hf.nn.sparse_init_(nn.Tanh())
+    with pytest.raises(ValueError, match="nonzero"):
+        torch_hf.nn.sparse_init_(nn.Linear(3, 4), nonzero=0)

@@ -454,3 +454,99 @@ def test_cuda_step_matches_cpu_and_keeps_state_on_device():
 
     for a, b in zip(run("cpu"), run("cuda")):
         assert torch.allclose(a, b, rtol=0, atol=1e-9)
+
+
+def test_closures_that_differentiate_w_r_t_their_inputs_work_at_trial_points():
+    # A PINN closure calls autograd.grad inside: under no_grad it would raise; the optimizer
+    # notices once and evaluates trial points with grad enabled from then on.
+    from _cases import PoissonResiduals
+
+    case = PoissonResiduals(n_interior=20, n_boundary=8, width=6)
+    grad_modes = []
+
+    def closure():
+        grad_modes.append(torch.is_grad_enabled())
+        return case.closure()
+
+    opt = HessianFree(case.params, cg_max_iters=30)
+    losses = [float(opt.step(closure)) for _ in range(12)]
+    assert opt._trial_needs_grad
+    assert opt.last_step.accepted and opt.last_step.objective_evaluations >= 1
+    assert losses[-1] < 0.5 * losses[0] and all(b <= a for a, b in zip(losses, losses[1:]))
+    assert all(grad_modes[-opt.last_step.objective_evaluations:])
+
+
+def test_plain_closures_keep_trial_points_graph_free():
+    model, closure_for = _small_autoencoder()
+    closure = closure_for(model)
+    grad_modes = []
+
+    def recording_closure():
+        grad_modes.append(torch.is_grad_enabled())
+        return closure()
+
+    opt = HessianFree(model.parameters(), cg_max_iters=10)
+    opt.step(recording_closure)
+    evals = opt.last_step.objective_evaluations
+    assert evals >= 1 and not opt._trial_needs_grad
+    assert grad_modes[0] and not any(grad_modes[-evals:])  # the curvature evaluation needs a graph, trials do not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resume_with_default_options_is_bit_identical(dtype):
+    # The default GGN-diagonal preconditioner draws random probes: from the optimizer's own
+    # stream, whose state travels in state_dict.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 6)).to(dtype)
+    x = torch.rand(40, 6, dtype=dtype)
+
+    def closure_for(m):
+        def closure():
+            z = m(x)
+            return F.binary_cross_entropy_with_logits(z, x), z
+        return closure
+
+    opt = HessianFree(model.parameters(), cg_max_iters=15)
+    for _ in range(2):
+        opt.step(closure_for(model))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.step(closure_for(model))
+    reference = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+    torch.manual_seed(123)  # a different global stream: the resumed run must not depend on it
+    model2 = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 6)).to(dtype)
+    model2.load_state_dict(saved_model)
+    opt2 = HessianFree(model2.parameters(), cg_max_iters=15)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(3):
+        opt2.step(closure_for(model2))
+    resumed = torch.nn.utils.parameters_to_vector(model2.parameters()).detach()
+    assert float((resumed - reference).abs().max()) == 0.0
+    assert opt2.damping.value == opt.damping.value
+
+
+def test_own_generator_drives_the_preconditioner_and_is_not_the_global_one():
+    gen = torch.Generator().manual_seed(7)
+    pre = GGNDiagonal()
+    model = nn.Linear(3, 2)
+    opt = HessianFree(model.parameters(), preconditioner=pre, generator=gen)
+    assert opt.generator is gen and pre.generator is gen
+    own = GGNDiagonal(generator=torch.Generator().manual_seed(1))
+    HessianFree(model.parameters(), preconditioner=own)
+    assert own.generator is not gen  # a preconditioner's own generator is kept
+    with pytest.raises(TypeError, match="generator"):
+        HessianFree(model.parameters(), generator=3)
+
+
+def test_history_is_bounded():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), cg_max_iters=5, history_size=2)
+    for _ in range(4):
+        opt.step(closure_for(model))
+    assert len(opt.history) == 2 and opt.history[-1] is opt.last_step and opt.history[0].step == 3
+    silent = HessianFree(model.parameters(), cg_max_iters=5, history_size=0)
+    silent.step(closure_for(model))
+    assert silent.history == [] and silent.last_step is not None
+    with pytest.raises(ValueError, match="history_size"):
+        HessianFree(model.parameters(), history_size=-1)

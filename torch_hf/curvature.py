@@ -29,7 +29,9 @@ gradient, and since ``g`` is linear in ``u``, differentiating ``⟨g(u), v⟩`` 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+import contextlib
+import logging
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -37,7 +39,10 @@ from torch import Tensor
 from . import _flat
 from .losses import MatchingLoss, recognize
 
-__all__ = ["GGN", "Hessian", "ClosureError", "NonFiniteLossError", "evaluate_closure"]
+__all__ = ["GGN", "Hessian", "ClosureError", "NonFiniteLossError", "evaluate_closure",
+           "twice_differentiable_kernels"]
+
+logger = logging.getLogger("torch_hf")
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | Sequence[Tensor]]"]
 
@@ -63,19 +68,44 @@ def _as_param_list(params: Iterable[Tensor]) -> list[Tensor]:
     return plist
 
 
-def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None = None
-                     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+_CLOSURE_CONTRACT = """HessianFree differentiates the closure itself: it must not call backward() and it returns
+the network outputs with the loss. The usual PyTorch closure
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+becomes
+
+    def closure():
+        outputs = model(x)
+        return loss_fn(outputs, y), outputs"""
+
+
+def _grad_signature(params: Sequence[Tensor] | None) -> list:
+    return [] if params is None else [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+
+def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None = None,
+                     params: Sequence[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Call ``closure`` with grad enabled and check what it returned.
 
     Returns ``(loss, outputs)`` with ``outputs`` normalised to a tuple (or ``None``
     when the closure returned only the loss and ``need_outputs`` is false). With a list
     ``extras``, the closure must return ``(loss, outputs, extra_outputs)`` (structural
     damping's hidden states, §8.4) and the extra outputs, as a tuple, are appended to it.
+    With ``params``, a closure that calls ``backward()`` (the standard PyTorch closure) is
+    caught by the change of their ``.grad`` and told the contract.
     """
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    before = _grad_signature(params)
     with torch.enable_grad():
         result = closure()
+    if params is not None and _grad_signature(params) != before:
+        raise ClosureError("the closure changed the parameters' .grad (it called backward()). " + _CLOSURE_CONTRACT)
     if extras is not None:
         if not (isinstance(result, (tuple, list)) and len(result) == 3):
             raise ClosureError("with structural damping the closure must return (loss, outputs, hidden_states); "
@@ -108,9 +138,8 @@ def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None =
         raise ClosureError("the loss does not depend on the parameters (it has no autograd graph)")
     if outputs is None:
         if need_outputs:
-            raise ClosureError(
-                "curvature='ggn' needs the network outputs: return (loss, outputs) from the closure"
-            )
+            raise ClosureError("curvature='ggn' needs the network outputs: the closure returned only the loss. "
+                               + _CLOSURE_CONTRACT)
         return loss, None
     if isinstance(outputs, Tensor):
         outputs = (outputs,)
@@ -122,6 +151,84 @@ def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None =
         if not out.requires_grad:
             raise ClosureError(f"output {i} does not depend on the parameters (requires_grad is False)")
     return loss, outputs
+
+
+@contextlib.contextmanager
+def twice_differentiable_kernels() -> Iterator[None]:
+    """Run the enclosed closure calls with kernels whose backward pass can itself be
+    differentiated, as every curvature product needs (§7.1's cached products differentiate
+    the recorded backward; the Hessian differentiates the gradient):
+
+    * attention through :func:`torch.nn.functional.scaled_dot_product_attention` uses the
+      math backend (the flash and memory-efficient kernels have no double backward);
+    * cuDNN is off (its RNN backward has no derivative; LSTM and GRU fall back to the
+      native kernels, which have one);
+    * ``torch.compile``'d modules and functions run eagerly (AOTAutograd has no double
+      backward; needs ``torch.compiler.set_stance``, torch ≥ 2.6).
+
+    Trial-point evaluations stay outside, with the fast kernels. :class:`GGN` and
+    :class:`Hessian` enter this context by themselves when a first product fails without it.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        except ImportError:  # torch < 2.2
+            stack.enter_context(torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False,
+                                                               enable_math=True))
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:
+            stack.enter_context(set_stance("force_eager"))
+        cudnn_was = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.enabled = cudnn_was
+
+
+def _kernels(safe: bool):
+    return twice_differentiable_kernels() if safe else contextlib.nullcontext()
+
+
+_COMPILE_HINT = (
+    "HF differentiates the closure's backward pass (every curvature product is a derivative of the "
+    "gradient), and a torch.compile'd module has no double backward{why}. Call the uncompiled module "
+    "in the closure (model._orig_mod for model = torch.compile(m)), or use torch >= 2.6, where torch_hf "
+    "runs compiled code eagerly for the curvature operator and compiled for trial points."
+)
+
+
+def _build_with_kernel_fallback(op, build: Callable[[], None], probe: Callable[[], object],
+                                safe_kernels: bool | None) -> None:
+    """Build a curvature operator; with ``safe_kernels=None`` try the closure's own kernels
+    first and rebuild under :func:`twice_differentiable_kernels` when a first product
+    (``probe``) fails for want of a double backward. Sets ``op.safe_kernels``."""
+    if safe_kernels is not None:
+        op.safe_kernels = bool(safe_kernels)
+        with _kernels(op.safe_kernels):
+            build()
+        return
+    op.safe_kernels = False
+    try:
+        build()
+        probe()
+        return
+    except (RuntimeError, NotImplementedError) as exc:  # raised by the build too (compiled backward)
+        first = exc
+    op.safe_kernels = True
+    try:
+        with twice_differentiable_kernels():
+            build()
+        probe()
+    except (RuntimeError, NotImplementedError) as exc:
+        text = f"{first} {exc}"
+        if "compile" in text or "aot_autograd" in text:
+            raise ClosureError(_COMPILE_HINT.format(why=f" ({str(exc).splitlines()[0]})")) from exc
+        raise
+    logger.info("torch_hf: the closure's kernels have no double backward (%s); the curvature operator "
+                "evaluates it with twice-differentiable ones", str(first).splitlines()[0][:160])
 
 
 def _node(t: Tensor):
@@ -251,6 +358,11 @@ class GGN(_CurvatureBase):
             checkpoint="sqrt")`` holds O(√T) states during CG instead of all T steps'
             activations. The closure must be deterministic (no dropout). About 1.5–2×
             the time of a cached product.
+        safe_kernels: evaluate the closure under :func:`twice_differentiable_kernels`
+            (math attention, no cuDNN, compiled code run eagerly). ``None`` (default):
+            only when a first product with the closure's own kernels fails for want of a
+            double backward — fused attention, cuDNN RNNs, ``torch.compile``; the
+            attribute ``safe_kernels`` then tells which was used.
 
     Without ``recompute`` the closure is evaluated once, here. ``mv``, ``jvp``, ``vjp`` and ``loss_hvp`` then
     reuse its activations. Vectors over parameters are flat; vectors over outputs are
@@ -264,22 +376,30 @@ class GGN(_CurvatureBase):
         loss_hvp: Callable[..., Sequence[Tensor]] | None = None,
         extra_hvp: Callable[..., Sequence[Tensor]] | None = None,
         recompute: bool = False,
+        safe_kernels: bool | None = None,
     ) -> None:
         self.params = _as_param_list(params)
         self.recompute = bool(recompute)
         self._closure = closure
+        self._extra_hvp = extra_hvp
+        self._user_loss_hvp = loss_hvp
+        self.safe_kernels = False
+        _build_with_kernel_fallback(self, self._build, lambda: self._jvp_all(torch.ones_like(self._grad)),
+                                    safe_kernels)
+
+    def _build(self) -> None:
+        """Evaluate the closure and record g(u) = Jᵀu (the cached activations)."""
+        extra_hvp, loss_hvp, closure = self._extra_hvp, self._user_loss_hvp, self._closure
         box: list | None = [] if extra_hvp is not None else None
-        loss, outputs = evaluate_closure(closure, need_outputs=True, extras=box)
+        loss, outputs = evaluate_closure(closure, need_outputs=True, extras=box, params=self.params)
         assert outputs is not None
         _check_outputs_independent(outputs)
         _check_loss_through_outputs(loss, outputs, self.params)
         self.outputs = outputs
         self.extras: tuple[Tensor, ...] = box[0] if box else ()
-        self._extra_hvp = extra_hvp
         self.matching_loss: MatchingLoss | None = None
         if loss_hvp is None and len(outputs) == 1:
             self.matching_loss = recognize(loss, outputs[0])
-        self._user_loss_hvp = loss_hvp
         need_head_graph = loss_hvp is None and self.matching_loss is None
         with torch.enable_grad():
             grad_z = torch.autograd.grad(loss, outputs, create_graph=need_head_graph, allow_unused=True)
@@ -339,7 +459,7 @@ class GGN(_CurvatureBase):
         """Outputs and extras with a live graph: the cached ones, or a fresh forward pass."""
         if not self.recompute:
             return self.outputs, self.extras
-        with torch.enable_grad():
+        with torch.enable_grad(), _kernels(self.safe_kernels):
             return self._split(self._closure())
 
     def _split(self, result) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -362,7 +482,7 @@ class GGN(_CurvatureBase):
 
         versions = [p._version for p in self.params]
         try:
-            with torch.no_grad(), fwAD.dual_level():
+            with torch.no_grad(), fwAD.dual_level(), _kernels(self.safe_kernels):
                 for p, t in zip(self.params, parts):
                     p.copy_(fwAD.make_dual(p.detach().clone(), t))
                 outputs, extras = self._split(self._closure())
@@ -537,11 +657,17 @@ class Hessian(_CurvatureBase):
     Args:
         params: the parameters.
         closure: returns ``loss`` or ``(loss, outputs)`` (the outputs are ignored).
+        safe_kernels: as for :class:`GGN`.
     """
 
-    def __init__(self, params: Iterable[Tensor], closure: Closure) -> None:
+    def __init__(self, params: Iterable[Tensor], closure: Closure, safe_kernels: bool | None = None) -> None:
         self.params = _as_param_list(params)
-        loss, _ = evaluate_closure(closure, need_outputs=False)
+        self._closure = closure
+        self.safe_kernels = False
+        _build_with_kernel_fallback(self, self._build, lambda: self.mv(torch.ones_like(self._grad)), safe_kernels)
+
+    def _build(self) -> None:
+        loss, _ = evaluate_closure(self._closure, need_outputs=False, params=self.params)
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self._live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]

@@ -14,7 +14,39 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-__all__ = ["OffloadActivations", "unroll"]
+__all__ = ["OffloadActivations", "unroll", "sparse_init_"]
+
+
+def sparse_init_(module: torch.nn.Module, nonzero: int = 15, scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.nn.Module:
+    """Sparse initialization of Martens (2010, §5), which HF's results rest on: every unit
+    of every ``nn.Linear`` in ``module`` (or ``module`` itself) gets ``nonzero`` incoming
+    weights drawn from N(0, scale²) at random positions; all its other weights and its bias
+    are zero. Units start neither saturated nor in lockstep, whatever the fan-in, so deep
+    logistic networks leave the first plateau that dense init leaves them on.
+
+    Returns ``module``. ``generator`` (a CPU ``torch.Generator``) makes it reproducible;
+    without one the global RNG is used.
+    """
+    if not (isinstance(nonzero, int) and nonzero >= 1):
+        raise ValueError(f"nonzero must be an int >= 1, got {nonzero!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"sparse_init_ found no nn.Linear in {type(module).__name__}")
+    with torch.no_grad():
+        for linear in linears:
+            out_features, in_features = linear.weight.shape
+            k = min(nonzero, in_features)
+            weight = torch.zeros(out_features, in_features, dtype=linear.weight.dtype)
+            for row in range(out_features):
+                idx = torch.randperm(in_features, generator=generator)[:k]
+                weight[row, idx] = torch.randn(k, generator=generator, dtype=linear.weight.dtype) * scale
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                linear.bias.zero_()
+    return module
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):

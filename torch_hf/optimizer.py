@@ -119,6 +119,14 @@ class HessianFree(torch.optim.Optimizer):
         autocast_dtype: run every closure call under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16``) on the parameters' device type; gradients, CG
             vectors and products stay in the parameters' dtype (float32).
+        generator: the optimizer's random stream (a CPU ``torch.Generator``): the random
+            probes of the GGN-diagonal preconditioner (§11.4) and of scale-sensitive
+            damping come from it unless those objects were given a generator of their
+            own. ``None``: a new generator seeded from the global RNG at construction
+            (so ``torch.manual_seed`` still makes runs repeatable). Its state is part of
+            :meth:`state_dict`, so a saved and reloaded run continues bit for bit.
+        history_size: how many :class:`StepDiagnostics` :attr:`history` keeps (the
+            latest); ``None`` keeps all, 0 none. :attr:`last_step` is always kept.
 
     The closure takes no arguments and returns ``(loss, outputs)`` (or only ``loss`` for
     ``curvature="hessian"``) with no ``backward()`` inside; see DESIGN.md / the README.
@@ -156,6 +164,8 @@ class HessianFree(torch.optim.Optimizer):
         offload_activations: bool = False,
         recompute: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        history_size: int | None = 100,
     ) -> None:
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
@@ -183,6 +193,10 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError(f"Invalid trust_radius: {trust_radius} (must be > 0, or None)")
         if cg_check_every is not None and not (isinstance(cg_check_every, int) and cg_check_every >= 1):
             raise ValueError(f"Invalid cg_check_every: {cg_check_every} (must be an int >= 1, or None)")
+        if history_size is not None and not (isinstance(history_size, int) and history_size >= 0):
+            raise ValueError(f"Invalid history_size: {history_size} (must be an int >= 0, or None)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         damping = Tikhonov(1.0) if damping is None else damping
         preconditioner = GGNDiagonal(0.75) if preconditioner is None else preconditioner
         if not isinstance(damping, Damping):
@@ -225,6 +239,16 @@ class HessianFree(torch.optim.Optimizer):
         self._reducer_group: Any = None
         self.last_step: StepDiagnostics | None = None
         self.history: list[StepDiagnostics] = []
+        self.history_size = history_size
+        self._trial_needs_grad = False
+        self._safe_kernels: bool | None = None  # decided by the first curvature operator
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            generator = torch.Generator().manual_seed(seed)
+        self.generator = generator
+        for user in (preconditioner, getattr(damping, "estimator", None)):
+            if user is not None and hasattr(user, "generator") and getattr(user, "generator") is None:
+                user.generator = generator
 
     # -- flat helpers -------------------------------------------------------------------
     def _params(self) -> list[Tensor]:
@@ -290,6 +314,8 @@ class HessianFree(torch.optim.Optimizer):
             st = self._state()
             st["damping"] = self.damping.state_dict()
             st["preconditioner"] = self.preconditioner.state_dict()
+            # A list, not a tensor: Optimizer.load_state_dict casts tensors to the parameters' dtype.
+            st["generator"] = self.generator.get_state().tolist()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -299,13 +325,14 @@ class HessianFree(torch.optim.Optimizer):
             self.damping.load_state_dict(st["damping"])
         if "preconditioner" in st:
             self.preconditioner.load_state_dict(st["preconditioner"])
+        if "generator" in st:
+            self.generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
 
     # -- the step ----------------------------------------------------------------------
     def _objective(self, closure: Callable, params: list[Tensor], weight_decay,
                    reducer: Reducer | None = None) -> float:
-        """f at the current parameters (trial points: no graph), +inf if non-finite."""
-        with torch.no_grad():
-            result = closure()
+        """f at the current parameters (a trial point), +inf if non-finite."""
+        result = self._call_at_trial_point(closure)
         loss = result[0] if isinstance(result, (tuple, list)) else result
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError("the closure must return a scalar loss tensor (or (loss, outputs))")
@@ -316,6 +343,30 @@ class HessianFree(torch.optim.Optimizer):
             theta = torch.cat([p.reshape(-1) for p in params])
             value += 0.5 * float((weight_decay * theta * theta).sum())
         return value if math.isfinite(value) else math.inf
+
+    def _call_at_trial_point(self, closure: Callable):
+        """Run the closure for a trial objective: under ``no_grad`` (no graph is kept, so
+        trial points cost a plain forward pass), unless the closure differentiates inside.
+
+        A closure whose outputs are themselves derivatives (a PINN's Δu by
+        ``torch.autograd.grad`` with respect to the inputs) needs autograd at trial points
+        too. Under ``no_grad`` it raises; it is then called again with grad enabled, and
+        from then on always so (one failed call per optimizer, logged). ``torch.func``
+        transforms work under ``no_grad`` as they are and never trigger this.
+        """
+        if not self._trial_needs_grad:
+            try:
+                with torch.no_grad():
+                    return closure()
+            except RuntimeError as no_grad_error:
+                with torch.enable_grad():  # a second failure propagates, chained to the first
+                    result = closure()
+                self._trial_needs_grad = True
+                logger.info("torch_hf: the closure needs autograd at trial points (%s); evaluating them with "
+                            "grad enabled from now on", str(no_grad_error).splitlines()[0][:120])
+                return result
+        with torch.enable_grad():
+            return closure()
 
     @torch.no_grad()
     def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:  # type: ignore[override]
@@ -349,6 +400,7 @@ class HessianFree(torch.optim.Optimizer):
         op_kwargs.update(damping_kwargs)
         if self.recompute:
             op_kwargs["recompute"] = True
+        op_kwargs["safe_kernels"] = self._safe_kernels
         extras: list | None = [] if "extra_hvp" in damping_kwargs else None
         reducer = self._get_reducer()
         if reducer is not None and state["step"] == 0:
@@ -363,10 +415,11 @@ class HessianFree(torch.optim.Optimizer):
         try:
             with offload:
                 op = op_cls(params, curv_closure, **op_kwargs)
+            self._safe_kernels = op.safe_kernels
             if curvature_closure is None and curv_closure is closure:
                 f_loss, f_grad = op.loss, op.grad
             else:
-                loss_t, _ = evaluate_closure(closure, need_outputs=False, extras=extras)
+                loss_t, _ = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss_t, params, allow_unused=True)
                 f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
@@ -515,7 +568,10 @@ class HessianFree(torch.optim.Optimizer):
             wall_time_s=time.perf_counter() - t_start, times=times,
         )
         self.last_step = diag
-        self.history.append(diag)
+        if self.history_size != 0:
+            self.history.append(diag)
+            if self.history_size is not None and len(self.history) > self.history_size:
+                del self.history[: len(self.history) - self.history_size]
         logger.debug("torch_hf step %d: loss %.6g -> %.6g, rho %.3g, lambda %.3g, cg %d (%s), alpha %.3g",
                      diag.step, diag.loss_before, diag.loss_after, rho, lam, result.iterations,
                      result.stop_reason, alpha)
