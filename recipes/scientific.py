@@ -26,6 +26,7 @@ score against training time (log scale).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="results", help="directory for the JSON and PNG, or a .json file path")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                    help="print a markdown table of the score at 60 s and 300 s from these result files, and exit")
     return ap
 
 
@@ -295,6 +298,20 @@ def score_at(result: dict, seconds: float) -> float:
     return rows[-1]["test_error"] if rows else math.nan
 
 
+def summary_table(results: list[dict], budgets: tuple[float, ...] = (60.0, 300.0)) -> str:
+    """Markdown: one row per run, the score at each budget (the last evaluation at or before it)."""
+    head = "| problem | optimizer | " + " | ".join(f"at {b:g} s" for b in budgets) + " | updates |"
+    rows = [head, "|" + " --- |" * (3 + len(budgets))]
+    for r in results:
+        c = r["config"]
+        name = c["optimizer"] + (f" lr {c['lr']:g}" if c["optimizer"] == "adam" else "")
+        if c["optimizer"] == "hf":
+            name += " (no preconditioner)" if c.get("preconditioner") == "none" else " (defaults)"
+        cells = " | ".join(f"{score_at(r, b):.2e}" for b in budgets)
+        rows.append(f"| {c['problem']} ({c['score']}) | {name} | {cells} | {r['final']['iterations']} |")
+    return "\n".join(rows)
+
+
 def output_paths(cfg: dict) -> tuple[Path, Path]:
     """``--out`` is a directory, or a ``.json`` file (the PNG goes beside it)."""
     stem = f"scientific_{cfg['problem']}_{cfg['optimizer']}"
@@ -310,6 +327,10 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
 def main(argv=None) -> list[dict]:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.table:
+        results = [json.loads(Path(p).read_text()) for p in args.table]
+        print(summary_table(results))
+        return results
     _check(ap, args)
     base = vars(args).copy()
     if args.optimizer == "all":

@@ -182,3 +182,71 @@ def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
     assert [p["final"]["status"] for p in seen] == ["running"] * 3
     assert [len(p["history"]) for p in seen] == [2, 3, 4]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_scientific_recipe_runs_every_optimizer_and_writes_one_plot(tmp_path):
+    from recipes import scientific
+
+    results = scientific.main(["--problem", "pinn", "--optimizer", "all", "--max-iters", "2", "--time-budget", "0",
+                               "--out", str(tmp_path), "--no-progress"])
+    assert [r["config"]["optimizer"] for r in results] == ["hf", "adam", "adam", "adam", "lbfgs"]
+    assert [r["config"]["lr"] for r in results[1:4]] == list(scientific.ADAM_LRS)
+    for r in results:
+        assert r["final"]["iterations"] == 2 and r["final"]["test_error"] > 0
+        assert {"iter", "time_s", "train_loss", "test_error"} <= set(r["history"][-1])
+    assert results[0]["history"][-1]["train_loss"] < results[0]["history"][0]["train_loss"]  # HF steps on the PINN
+    assert (tmp_path / "scientific_pinn_all.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((tmp_path / "scientific_pinn_lbfgs.json").read_text())["config"]["score"] == "relative L2 error"
+    table = scientific.summary_table(results, budgets=(0.0, 1e9))
+    assert table.count("\n") == 1 + len(results) and "hf (defaults)" in table and "adam lr 0.003" in table
+    assert f"{results[-1]['final']['test_error']:.2e}" in table.splitlines()[-1]
+
+
+def test_scientific_problems_score_the_exact_solution_as_zero():
+    import math
+
+    import torch
+
+    from recipes import scientific
+
+    pinn = scientific.Poisson(n_interior=50, n_boundary=20, grid=11)
+
+    class Exact(torch.nn.Module):
+        def forward(self, x):
+            return (torch.sin(math.pi * x[:, 0]) * torch.sin(math.pi * x[:, 1])).unsqueeze(-1)
+
+    assert pinn.score(Exact()) < 1e-15
+    assert float(pinn.residuals(Exact()).abs().max()) < 1e-10  # −Δu* = f and u* = 0 on the boundary
+    reg = scientific.Regression(n_train=20, n_test=20)
+
+    class Target(torch.nn.Module):
+        def forward(self, x):
+            return scientific.Regression.target(x).unsqueeze(-1)
+
+    assert reg.score(Target()) == 0.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "-5"], "--batch-size must be >= 0"),
+    (["--cg-max-iters", "0"], "--cg-max-iters must be > 0"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+])
+def test_recipe_arguments_are_validated_with_the_option_named(argv, message, capsys):
+    if "cuda:0" in argv:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit):
+        autoencoder.main(argv + ["--no-progress"])
+    assert message in capsys.readouterr().err
+
+
+def test_out_may_name_a_json_file_but_not_an_existing_directory(tmp_path):
+    target = tmp_path / "run.json"
+    _run(tmp_path, "adam", ["--out", str(target)])
+    assert json.loads(target.read_text())["final"]["iterations"] == 2
+    assert target.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(SystemExit, match="directory"):
+        _run(tmp_path, "adam", ["--out", str(tmp_path / "dir.json")])
