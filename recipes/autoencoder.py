@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, save_results  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, check_args, progress_bar, save_results  # noqa: E402
 from recipes.plot import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
@@ -222,13 +222,7 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
         history.append(row)
         return row
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget > 0 else None
-        bar = tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it",
-                   desc=f"{cfg['dataset']} {cfg['optimizer']}", dynamic_ncols=True, bar_format=fmt)
+    bar = progress_bar(progress, budget, max_iters, f"{cfg['dataset']} {cfg['optimizer']}")
     train_time, cases, it, last_eval = 0.0, 0, 0, -math.inf
     if rank == 0:
         evaluate(0, 0.0, 0, {})

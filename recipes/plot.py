@@ -122,6 +122,18 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: 
             ap.error(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
+def progress_bar(enabled: bool, budget: float, max_iters: int | None, desc: str):
+    """The recipes' tqdm bar: seconds of the training budget, or updates without one
+    (``None`` when ``enabled`` is false)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget > 0 else None
+    return tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it", desc=desc,
+                dynamic_ncols=True, bar_format=fmt)
+
+
 def write_json(result: dict, json_path: str | Path) -> None:
     """Write a recipe's results dict (also used for the partial results of a running job)."""
     json_path = Path(json_path)

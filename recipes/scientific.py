@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, plot_results, write_json  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, check_args, plot_results, progress_bar, write_json  # noqa: E402
 from recipes.plot import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 60.0
@@ -227,13 +227,7 @@ def run(cfg: dict, progress: bool = True) -> dict:
         history.append(row)
         return row
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget > 0 else None
-        bar = tqdm(total=budget if budget > 0 else max_iters, desc=f"{cfg['problem']} {cfg['optimizer']}",
-                   dynamic_ncols=True, bar_format=fmt)
+    bar = progress_bar(progress, budget, max_iters, f"{cfg['problem']} {cfg['optimizer']}")
     evaluate(0, 0.0, {})
     train_time, it, last_eval, status = 0.0, 0, 0.0, "budget"
     while True:
