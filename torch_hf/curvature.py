@@ -215,6 +215,8 @@ def _build_with_kernel_fallback(op, build: Callable[[], None], probe: Callable[[
         build()
         probe()
         return
+    except torch.cuda.OutOfMemoryError:
+        raise  # no kernel choice helps; don't run the closure again
     except (RuntimeError, NotImplementedError) as exc:  # raised by the build too (compiled backward)
         first = exc
     op.safe_kernels = True
