@@ -358,6 +358,8 @@ class HessianFree(torch.optim.Optimizer):
             try:
                 with torch.no_grad():
                     return closure()
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as no_grad_error:
                 with torch.enable_grad():  # a second failure propagates, chained to the first
                     result = closure()
