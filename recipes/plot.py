@@ -16,6 +16,8 @@ def _label(result: dict, path: str) -> str:
     cfg = result.get("config", {})
     name = cfg.get("optimizer", Path(path).stem)
     extra = f" lr={cfg['lr']:g}" if cfg.get("optimizer") in ("adam", "sgd") and cfg.get("lr") is not None else ""
+    if cfg.get("optimizer") == "hf" and cfg.get("preconditioner") == "none":
+        extra += " (no preconditioner)"
     if cfg.get("optimizer") == "hf" and cfg.get("gradient_batch"):
         extra = f" {cfg['gradient_batch']}/{cfg.get('curvature_batch') or cfg['gradient_batch']}"
     if cfg.get("task"):  # RNN results: several tasks may share one plot
