@@ -550,3 +550,24 @@ def test_history_is_bounded():
     assert silent.history == [] and silent.last_step is not None
     with pytest.raises(ValueError, match="history_size"):
         HessianFree(model.parameters(), history_size=-1)
+
+
+def test_steps_below_the_loss_resolution_leave_lambda_alone_and_warn_once():
+    lin, a, y, closure = _least_squares()
+    opt = HessianFree(lin.parameters(), preconditioner=Identity(), damping=Tikhonov(1e-8), cg_max_iters=50)
+    for _ in range(3):
+        opt.step(closure)  # reaches the least-squares optimum
+    lam = opt.damping.value
+    with pytest.warns(RuntimeWarning, match="float resolution.*sparse_init_") as record:
+        for _ in range(5):
+            opt.step(closure)
+            assert not opt.last_step.rho_informative
+            assert opt.damping.value == lam  # ρ is rounding noise here: λ must not grow on it
+    assert len([w for w in record if "float resolution" in str(w.message)]) == 1
+
+
+def test_informative_steps_still_update_lambda():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), cg_max_iters=10)
+    opt.step(closure_for(model))
+    assert opt.last_step.rho_informative and opt.damping.value != opt.last_step.damping

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -57,6 +58,7 @@ class StepDiagnostics:
     chosen_iteration: int = 0
     line_search_alpha: float = float("nan")
     predicted_reduction: float = float("nan")
+    rho_informative: bool = True
     directional_derivative: float = float("nan")
     curvature_products: int = 0
     objective_evaluations: int = 0
@@ -241,6 +243,7 @@ class HessianFree(torch.optim.Optimizer):
         self.history: list[StepDiagnostics] = []
         self.history_size = history_size
         self._trial_needs_grad = False
+        self._warned_stall = False
         self._safe_kernels: bool | None = None  # decided by the first curvature operator
         if generator is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -369,6 +372,20 @@ class HessianFree(torch.optim.Optimizer):
                 return result
         with torch.enable_grad():
             return closure()
+
+    def _warn_stalled(self, count: int, grad_norm: float, resolution: float) -> None:
+        """Warn once per optimizer when steps keep changing the loss by less than its float
+        resolution (HF has stopped making progress)."""
+        if count < 3 or self._warned_stall:
+            return
+        self._warned_stall = True
+        warnings.warn(
+            f"torch_hf: {count} HF steps in a row changed the loss by less than its float resolution "
+            f"({resolution:.2g}) at gradient norm {grad_norm:.2g}; λ is left as it is, since ρ carries no "
+            "information there. Likely causes: a full-batch run at a saddle point or plateau (dense default "
+            "init; try torch_hf.nn.sparse_init_), a loss in float32 that cannot resolve further progress "
+            "(use float64), or a minimum reached. Minibatches or a smaller curvature batch (§12) help "
+            "leave a plateau.", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:  # type: ignore[override]
@@ -526,7 +543,17 @@ class HessianFree(torch.optim.Optimizer):
         rho = actual / model_reduction if model_reduction < 0 else (-math.inf if math.isfinite(actual) else math.nan)
         if not math.isfinite(f_best):
             rho = math.nan
-        self.damping.update(rho)
+        # Below the loss's float resolution f(θ+δ) − f(θ) is rounding, not information:
+        # ρ would read 0 and λ would grow on noise (a full-batch run then stalls silently).
+        resolution = 8 * torch.finfo(f_loss.dtype).eps * max(abs(loss_before), 1e-30)
+        rho_informative = not (math.isfinite(f_best) and abs(actual) <= resolution
+                               and abs(model_reduction) <= resolution)
+        if rho_informative:
+            self.damping.update(rho)
+            state["uninformative_steps"] = 0
+        else:
+            state["uninformative_steps"] = state.get("uninformative_steps", 0) + 1
+            self._warn_stalled(state["uninformative_steps"], float(grad.norm()), resolution)
 
         # 7: Armijo line search (§8.8) on the chosen δ.
         slope = float(torch.dot(grad, delta))
@@ -563,6 +590,7 @@ class HessianFree(torch.optim.Optimizer):
             step=state["step"], loss_before=loss_before, loss_after=f_new, rho=rho, damping=lam,
             damping_next=self.damping.value, cg_iterations=result.iterations, cg_stop_reason=result.stop_reason,
             chosen_iteration=chosen_it, line_search_alpha=alpha, predicted_reduction=model_reduction,
+            rho_informative=rho_informative,
             directional_derivative=slope,
             curvature_products=products[0], objective_evaluations=evals, backtracking_evaluations=backtracking_evals,
             line_search_evaluations=evals - backtracking_evals, grad_norm=float(grad.norm()),
