@@ -27,6 +27,9 @@ def main() -> None:
     try:
         params = run_steps(config, rank=rank, world=world)
         torch.save(params, out)
+        # Both ranks done before teardown: a rank leaving while the other still talks to it
+        # has aborted gloo's threads ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
