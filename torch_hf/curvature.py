@@ -105,7 +105,8 @@ def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None =
     with torch.enable_grad():
         result = closure()
     if params is not None and _grad_signature(params) != before:
-        raise ClosureError("the closure changed the parameters' .grad (it called backward()). " + _CLOSURE_CONTRACT)
+        raise ClosureError("the closure changed the parameters' .grad (it called backward() or zero_grad()). "
+                           + _CLOSURE_CONTRACT)
     if extras is not None:
         if not (isinstance(result, (tuple, list)) and len(result) == 3):
             raise ClosureError("with structural damping the closure must return (loss, outputs, hidden_states); "
