@@ -5,6 +5,8 @@ structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
     python recipes/rnn_pathological.py --task addition --T 100
     python recipes/rnn_pathological.py --task temporal_order --T 100 --input-scale 0.1
     python recipes/rnn_pathological.py --task temporal_order --T 100 --input-scale 0.1 --optimizer adam
+    python recipes/rnn_pathological.py --task all --T 100 --time-budget 3600 --clock cpu --out results/rnn
+    python recipes/rnn_pathological.py --summary results/rnn/*.json      # the table of saved runs
     python recipes/rnn_pathological.py --help
 
 Tasks (sequences of length T, time first; data generated on the fly, a fresh minibatch
@@ -216,7 +218,16 @@ def task_error(kind: str, z: torch.Tensor, y: torch.Tensor) -> float:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=f"Default: addition at T=100 with HF for {DEFAULT_TIME_BUDGET:.0f} s.")
-    ap.add_argument("--task", choices=TASKS, default="addition")
+    ap.add_argument("--task", choices=TASKS + ("all",), default="addition",
+                    help="one task, or all: every task of --tasks x --optimizers x --seeds, --jobs at a time, "
+                         "then a summary table (summary.md) and plot (summary.png) in --out")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="--task all: the tasks")
+    ap.add_argument("--optimizers", nargs="+", choices=["hf", "adam", "sgd"], default=["hf", "adam"],
+                    help="--task all: the optimizers (default hf adam)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--task all: the seeds (default 0 1 2)")
+    ap.add_argument("--jobs", type=int, default=2, help="--task all: runs at a time, one thread each (default 2)")
+    ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
+                    help="print the summary table of saved runs (and write --out/summary.png) instead of training")
     ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
     ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
     ap.add_argument("--hidden", type=int, default=100)
@@ -389,14 +400,161 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
     return {"config": dict(cfg), "history": history, "final": final}
 
 
-def main(argv=None) -> dict:
+# Martens & Sutskever (2011), HF with structural damping, T = 100.
+PAPER_T100 = "solved"
+
+
+def run_stem(task: str, T: int, optimizer: str, seed: int, tag: str | None = None) -> str:
+    return f"rnn_{task}_T{T}_{optimizer}_seed{seed}" + (f"_{tag}" if tag else "")
+
+
+def summarize(results: list[dict]) -> str:
+    """A markdown table: per task, T and optimizer, the seeds solved, and the median CPU (or
+    wall) time and updates to solve over the solved seeds."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in results:
+        c = r["config"]
+        groups.setdefault((TASKS.index(c["task"]), c["task"], c["T"]), {}).setdefault(c["optimizer"], []).append(r)
+    optimizers = sorted({o for g in groups.values() for o in g}, key=lambda o: ("hf", "adam", "sgd").index(o))
+    head = "| task | T | " + " | ".join(f"{o}: solved | {o}: median time, updates to solve" for o in optimizers)
+    lines = [head + " | Martens & Sutskever (2011) |", "|" + " --- |" * (3 + 2 * len(optimizers))]
+    for (_, task, T), by_opt in sorted(groups.items()):
+        cells = []
+        for o in optimizers:
+            runs = by_opt.get(o, [])
+            solved = [r["final"] for r in runs if r["final"].get("status") == "solved"]
+            unfinished = [r for r in runs if r["final"].get("status") == "running"]
+            if not runs:
+                cells += ["", ""]
+                continue
+            rate = f"{len(solved)}/{len(runs)}" + (f" ({len(unfinished)} running)" if unfinished else "")
+            if solved:
+                t = sorted(f["time_s"] for f in solved)[len(solved) // 2]
+                n = sorted(f["iterations"] for f in solved)[len(solved) // 2]
+                timing = f"{t:,.0f} s, {n:,}"
+            else:
+                longest = max(runs, key=lambda r: r["final"]["time_s"])["final"]
+                timing = f"none in {longest['time_s']:,.0f} s (best test error {min(r['final']['test_error'] for r in runs):.3f})"
+            cells += [rate, timing]
+        lines.append(f"| {task} | {T} | " + " | ".join(cells) + f" | {PAPER_T100 if T == 100 else ''} |")
+    return "\n".join(lines)
+
+
+def plot_summary(results: list[dict], out: str | Path) -> str:
+    """One panel per task and T: test error against training time, HF solid, others dashed,
+    one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(TASKS.index(r["config"]["task"]), r["config"]["task"], r["config"]["T"]) for r in results})
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    styles = {"hf": ("C0", "-"), "adam": ("C1", "--"), "sgd": ("C2", ":")}
+    for ax, (_, task, T) in zip(axes.flat, keys):
+        seen = set()
+        for r in results:
+            c = r["config"]
+            if (c["task"], c["T"]) != (task, T):
+                continue
+            color, ls = styles[c["optimizer"]]
+            h = r["history"]
+            ax.plot([x["time_s"] for x in h], [x["test_error"] for x in h], color=color, ls=ls, lw=1.2,
+                    label=None if c["optimizer"] in seen else c["optimizer"])
+            seen.add(c["optimizer"])
+        ax.axhline(0.01, color="gray", lw=0.6)
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_title(f"{task}, T={T}", fontsize=9)
+        ax.set_xlabel(f"training {results[0]['config'].get('clock') or 'wall'} time (s)", fontsize=8)
+        ax.set_ylabel("test error", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return str(out)
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """``--task all``: every (task, optimizer, seed) as its own process on one thread,
+    ``--jobs`` at a time; runs whose JSON already says solved/budget are kept (a killed
+    driver resumes). Writes ``summary.md`` and ``summary.png`` into ``--out``."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    out = Path(args.out)
+    if out.suffix.lower() == ".json":
+        raise SystemExit("--task all writes one JSON per run: give --out a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    # The options every run shares: argv without the driver's own.
+    own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads"}
+    shared, skip = [], False
+    for a in argv:
+        if skip and not a.startswith("--"):
+            continue
+        skip = a.split("=")[0] in own
+        if not skip:
+            shared.append(a)
+    queue = []
+    for task in args.tasks:
+        for opt in args.optimizers:
+            for seed in args.seeds:
+                path = out / f"{run_stem(task, args.T, opt, seed, args.tag)}.json"
+                if path.exists() and json.loads(path.read_text())["final"].get("status") not in ("running", None):
+                    continue
+                queue.append([sys.executable, str(Path(__file__).resolve()), "--task", task, "--optimizer", opt,
+                              "--seed", str(seed), "--threads", "1", "--out", str(out), "--no-progress", *shared])
+    running: list = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(queue), desc="runs", disable=args.no_progress)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            running.append(subprocess.Popen(queue.pop(0), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                            stdout=subprocess.DEVNULL))
+        time.sleep(1.0)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            bar.update(1)
+            if proc.returncode != 0:
+                raise SystemExit(f"run {' '.join(proc.args[2:8])} failed with exit code {proc.returncode}")
+    bar.close()
+    results = [json.loads(p.read_text()) for p in sorted(out.glob(f"rnn_*_T{args.T}_*.json"))]
+    table = summarize(results)
+    (out / "summary.md").write_text(table + "\n")
+    plot_summary(results, out / "summary.png")
+    print(table)
+    return results
+
+
+def main(argv=None) -> dict | list[dict]:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     check_args(ap, args, positive=("T", "hidden", "input_scale", "max_iters", "batch_size", "curvature_batch_size",
-                                   "cg_max_iters", "test_size", "eval_every", "threads", "lr"),
+                                   "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs"),
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
+    if args.summary:
+        import json
+
+        results = [json.loads(Path(p).read_text()) for p in args.summary]
+        print(summarize(results))
+        if Path(args.out).suffix.lower() != ".json":
+            print(plot_summary(results, Path(args.out) / "summary.png"))
+        return results
+    if args.task == "all":
+        return run_all(args, argv)
     cfg = vars(args).copy()
-    stem = f"rnn_{cfg['task']}_T{cfg['T']}_{cfg['optimizer']}_seed{cfg['seed']}" + (f"_{cfg['tag']}" if cfg["tag"] else "")
+    for key in ("tasks", "optimizers", "seeds", "jobs", "summary"):
+        cfg.pop(key)
+    stem = run_stem(cfg["task"], cfg["T"], cfg["optimizer"], cfg["seed"], cfg["tag"])
     json_path, png_path = output_paths(cfg["out"], stem)
     result = run(cfg, progress=not args.no_progress, on_evaluate=lambda partial: write_json(partial, json_path))
     save_results(result, json_path, png_path, title=f"{cfg['task']} T={cfg['T']}, "

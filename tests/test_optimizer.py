@@ -367,7 +367,8 @@ def test_per_group_options_that_hf_cannot_honour_raise():
      ({"cg_max_iters": 0}, "cg_max_iters"), ({"cg_min_iters": -1}, "cg_min_iters"), ({"cg_tol": -1}, "cg_tol"),
      ({"cg_decay": 1.5}, "cg_decay"), ({"backtracking_factor": 1.0}, "backtracking_factor"),
      ({"line_search_c": 2.0}, "line_search_c"), ({"line_search_beta": 1.0}, "line_search_beta"),
-     ({"trust_radius": 0.0}, "trust_radius"), ({"cg_check_every": 0}, "cg_check_every")],
+     ({"trust_radius": 0.0}, "trust_radius"), ({"cg_check_every": 0}, "cg_check_every"),
+     ({"cg_stop": "sometimes"}, "cg_stop")],
 )
 def test_invalid_hyper_parameters_raise_value_error_naming_them(kwargs, match):
     model, _ = _small_autoencoder()
@@ -571,3 +572,44 @@ def test_informative_steps_still_update_lambda():
     opt = HessianFree(model.parameters(), cg_max_iters=10)
     opt.step(closure_for(model))
     assert opt.last_step.rho_informative and opt.damping.value != opt.last_step.damping
+
+
+def test_subnormals_are_flushed_inside_the_step_and_the_callers_mode_restored():
+    from torch_hf.optimizer import _flushing_denormals
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    torch.set_flush_denormal(False)
+    lin, _, _, closure = _least_squares()
+    seen = []
+
+    def probing():
+        seen.append(_flushing_denormals())
+        return closure()
+
+    HessianFree(lin.parameters()).step(probing)
+    assert seen and all(seen) and not _flushing_denormals()
+    seen.clear()
+    HessianFree(lin.parameters(), flush_denormal=False).step(probing)
+    assert seen and not any(seen)
+    torch.set_flush_denormal(True)  # a caller that flushes keeps flushing
+    try:
+        HessianFree(lin.parameters()).step(closure)
+        assert _flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_rate_termination_stops_cg_early_and_still_trains():
+    model, closure_for = _small_autoencoder()
+    fast_model = copy.deepcopy(model)
+    slow = HessianFree(model.parameters(), cg_max_iters=60, cg_tol=0.0)
+    fast = HessianFree(fast_model.parameters(), cg_max_iters=60, cg_tol=0.0, cg_stop="rate")
+    losses, reasons = [], []
+    for _ in range(5):
+        slow.step(closure_for(model))
+        assert slow.last_step.cg_stop_reason != "rate"
+        losses.append(float(fast.step(closure_for(fast_model))))
+        reasons.append(fast.last_step.cg_stop_reason)
+    assert "rate" in reasons and min(d.cg_iterations for d in fast.history) < 60
+    assert losses[-1] < losses[0]

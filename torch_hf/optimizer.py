@@ -39,7 +39,7 @@ __all__ = ["HessianFree", "StepDiagnostics", "cg_backtracking"]
 logger = logging.getLogger("torch_hf")
 
 # Hyper-parameters that apply to the whole optimizer (HF solves one joint quadratic).
-_GLOBAL = ("lr", "cg_max_iters", "cg_min_iters", "cg_tol", "cg_decay", "backtracking_factor",
+_GLOBAL = ("lr", "cg_max_iters", "cg_min_iters", "cg_tol", "cg_stop", "cg_decay", "backtracking_factor",
            "line_search_c", "line_search_beta", "line_search_max_evals", "trust_radius")
 
 
@@ -93,6 +93,11 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: most CG iterations per step (§8.7: 250).
         cg_min_iters: fewest CG iterations before progress termination.
         cg_tol: relative-progress threshold of §4.
+        cg_stop: ``"progress"``: CG runs until the relative-progress test (``cg_tol``) or
+            ``cg_max_iters``; ``"rate"``: it also stops once its recent decrease of the
+            quadratic model per second falls below the step's average decrease per second,
+            counting the rest of the step (gradient, curvature evaluation, preconditioner,
+            trial objectives: measured, not assumed) as time spent (:func:`torch_hf.cg.cg`).
         cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
         backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
             disables backtracking (the last iterate is used).
@@ -161,6 +166,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: int = 250,
         cg_min_iters: int = 1,
         cg_tol: float = 5e-4,
+        cg_stop: str = "progress",
         cg_decay: float = 0.95,
         backtracking_factor: float | None = 1.3,
         line_search_c: float | None = 1e-2,
@@ -189,6 +195,8 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError(f"Invalid cg_min_iters: {cg_min_iters} (must be an int in [0, cg_max_iters])")
         if not cg_tol >= 0:
             raise ValueError(f"Invalid cg_tol: {cg_tol} (must be >= 0)")
+        if cg_stop not in ("progress", "rate"):
+            raise ValueError(f"Invalid cg_stop: {cg_stop!r} (must be 'progress' or 'rate')")
         if not 0 <= cg_decay <= 1:
             raise ValueError(f"Invalid cg_decay: {cg_decay} (must be in [0, 1])")
         if backtracking_factor is not None and not backtracking_factor > 1:
@@ -215,7 +223,7 @@ class HessianFree(torch.optim.Optimizer):
             if not callable(getattr(preconditioner, name, None)):
                 raise TypeError(f"preconditioner must have a {name}() method (see torch_hf.preconditioners)")
         defaults = dict(lr=lr, weight_decay=weight_decay, cg_max_iters=cg_max_iters, cg_min_iters=cg_min_iters,
-                        cg_tol=cg_tol, cg_decay=cg_decay, backtracking_factor=backtracking_factor,
+                        cg_tol=cg_tol, cg_stop=cg_stop, cg_decay=cg_decay, backtracking_factor=backtracking_factor,
                         line_search_c=line_search_c, line_search_beta=line_search_beta,
                         line_search_max_evals=line_search_max_evals, trust_radius=trust_radius)
         super().__init__(params, defaults)
@@ -252,6 +260,7 @@ class HessianFree(torch.optim.Optimizer):
         self.history_size = history_size
         self.flush_denormal = bool(flush_denormal)
         self._trial_needs_grad = False
+        self._last_trial_s = 0.0  # the last step's trial-point time: part of the next one's overhead
         self._warned_stall = False
         self._safe_kernels: bool | None = None  # decided by the first curvature operator
         if generator is None:
@@ -431,12 +440,14 @@ class HessianFree(torch.optim.Optimizer):
             op, f_loss = self._gradient_and_curvature(s, curvature_closure)
         with self._timed(s, "preconditioner"):
             lam, damped_mv = self._damping_and_preconditioner(s, op)
+        s.overhead_s = time.perf_counter() - t_start + self._last_trial_s
         with self._timed(s, "cg"):
             result = self._solve(s, damped_mv, state)
         with self._timed(s, "backtracking_and_line_search"):
             chosen_it, delta, q_chosen, f_best = self._backtrack(s, result)
             rho, model_reduction, informative = self._adapt_damping(s, op, delta, q_chosen, f_best, state)
             alpha, f_new, slope = self._line_search(s, delta, f_best)
+        self._last_trial_s = s.times["backtracking_and_line_search"]
         step_scale = self._apply(s, delta, alpha, result, state)
         if step_scale != alpha:  # lr != 1: f at the final point is not the one measured
             f_new = float("nan")
@@ -554,7 +565,8 @@ class HessianFree(torch.optim.Optimizer):
         cg_kwargs = dict(precondition=self.preconditioner.solve, max_iters=group["cg_max_iters"],
                          min_iters=group["cg_min_iters"], tol=group["cg_tol"], backtracking_factor=factor,
                          trust_radius=group["trust_radius"], trust_metric=trust_metric,
-                         check_every=self._check_every(s.params))
+                         check_every=self._check_every(s.params),
+                         overhead_s=s.overhead_s if group["cg_stop"] == "rate" else None)
         try:
             return cg(damped_mv, -s.grad, x0, **cg_kwargs)
         except FloatingPointError:
@@ -661,6 +673,7 @@ class _Step:
     grad: Tensor | None = None
     loss_before: float = math.nan
     float_eps: float = 0.0
+    overhead_s: float = 0.0
     products: int = 0
     evals: int = 0
     backtracking_evals: int = 0
