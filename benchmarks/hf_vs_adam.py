@@ -97,8 +97,8 @@ def _parse_value(text: str):
 
 
 def parse_hf_options(items: list[str]) -> dict:
-    """``key=value`` pairs; ``preconditioner=identity|ggn|fisher`` and ``damping=<λ₀>``
-    name objects, the rest are ``HessianFree`` keywords or ``batch``/``curvature_batch``."""
+    """``key=value`` pairs; ``preconditioner=identity|ggn|fisher``, ``preconditioner_decay=<β>``
+    and ``damping=<λ₀>`` name objects, the rest are ``HessianFree`` keywords or ``batch``/``curvature_batch``."""
     opts = {}
     for item in items:
         if "=" not in item:
@@ -110,11 +110,13 @@ def parse_hf_options(items: list[str]) -> dict:
 
 def build_hf(params, opts: dict) -> torch_hf.HessianFree:
     kwargs = {k: v for k, v in opts.items() if k not in ("batch", "curvature_batch")}
-    if "preconditioner" in kwargs:
-        name = kwargs.pop("preconditioner")
-        kwargs["preconditioner"] = {"identity": torch_hf.preconditioners.Identity(),
-                                    "ggn": torch_hf.preconditioners.GGNDiagonal(0.75),
-                                    "fisher": torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75)}[name]
+    decay = kwargs.pop("preconditioner_decay", 0.0)
+    if "preconditioner" in kwargs or decay:
+        name = kwargs.pop("preconditioner", "ggn")
+        kwargs["preconditioner"] = {"identity": lambda: torch_hf.preconditioners.Identity(),
+                                    "ggn": lambda: torch_hf.preconditioners.GGNDiagonal(0.75, decay=decay),
+                                    "fisher": lambda: torch_hf.preconditioners.EmpiricalFisherDiagonal(
+                                        0.75, decay=decay)}[name]()
     if "damping" in kwargs:
         kwargs["damping"] = torch_hf.damping.Tikhonov(float(kwargs.pop("damping")))
     kwargs.setdefault("weight_decay", WEIGHT_DECAY)

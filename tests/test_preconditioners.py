@@ -131,7 +131,26 @@ def test_solve_before_update_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"exponent": 0.0}, "exponent"), ({"exponent": 1.5}, "exponent"),
-                                           ({"kappa": -1.0}, "kappa"), ({"samples": 0}, "samples")])
+                                           ({"kappa": -1.0}, "kappa"), ({"samples": 0}, "samples"),
+                                           ({"decay": 1.0}, "decay")])
 def test_invalid_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GGNDiagonal(**kwargs)
+
+
+def test_decayed_diagonal_is_the_bias_corrected_moving_average_and_is_saved():
+    estimates = iter([torch.tensor([1.0, 4.0]), torch.tensor([3.0, 0.0]), torch.tensor([2.0, 2.0])])
+    pre = EmpiricalFisherDiagonal(exponent=1.0, decay=0.5)
+    pre.estimate = lambda op: next(estimates)
+    pre.update(None, damping_diagonal=0.0)
+    assert torch.allclose(pre.last_estimate, torch.tensor([1.0, 4.0]))  # bias-corrected: the first estimate
+    pre.update(None, damping_diagonal=0.0)
+    # (0.25·[1, 4] + 0.5·[3, 0]) / (1 − 0.25)
+    assert torch.allclose(pre.last_estimate, torch.tensor([1.75 / 0.75, 1.0 / 0.75]))
+    saved = pre.state_dict()
+    other = EmpiricalFisherDiagonal(exponent=1.0, decay=0.5)
+    other.load_state_dict(saved)
+    other.estimate = lambda op: torch.tensor([2.0, 2.0])
+    pre.update(None, damping_diagonal=0.0)
+    other.update(None, damping_diagonal=0.0)
+    assert torch.equal(pre.last_estimate, other.last_estimate)

@@ -250,3 +250,72 @@ def test_out_may_name_a_json_file_but_not_an_existing_directory(tmp_path):
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(SystemExit, match="directory"):
         _run(tmp_path, "adam", ["--out", str(tmp_path / "dir.json")])
+
+
+def test_rnn_task_all_runs_every_combination_and_summarises(tmp_path):
+    from recipes import rnn_pathological as rp
+
+    common = ["--T", "16", "--hidden", "8", "--max-iters", "2", "--time-budget", "0", "--batch-size", "40",
+              "--curvature-batch-size", "20", "--test-size", "50", "--out", str(tmp_path), "--no-progress"]
+    results = rp.main(["--task", "all", "--tasks", "memorization", "--seeds", "0", "1", "--jobs", "2", *common])
+    assert len(results) == 4  # 2 optimizers x 2 seeds, one JSON each
+    table = (tmp_path / "summary.md").read_text()
+    assert "| memorization | 16 | 0/2 |" in table
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    # A second call finds every run finished and only rebuilds the summary.
+    before = {p.name: p.stat().st_mtime for p in tmp_path.glob("rnn_*.json")}
+    rp.main(["--task", "all", "--tasks", "memorization", "--seeds", "0", "1", *common])
+    assert before == {p.name: p.stat().st_mtime for p in tmp_path.glob("rnn_*.json")}
+
+
+def test_rnn_summary_counts_solved_seeds_and_median_time():
+    from recipes import rnn_pathological as rp
+
+    def run(opt, seed, status, t, n):
+        return {"config": {"task": "addition", "T": 100, "optimizer": opt, "seed": seed},
+                "final": {"status": status, "time_s": t, "iterations": n, "test_error": 0.0 if status == "solved" else 0.5},
+                "history": []}
+
+    table = rp.summarize([run("hf", 0, "solved", 100, 10), run("hf", 1, "solved", 300, 30), run("hf", 2, "solved", 200, 20),
+                          run("adam", 0, "budget", 3600, 9000)])
+    assert "| addition | 100 | 3/3 | 200 s, 20 | 0/1 | none in 3,600 s (best test error 0.500) | solved |" in table
+
+
+def test_hf_vs_adam_benchmark_job_and_report():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import hf_vs_adam as bench
+
+    hf = bench.run_job("manifold", "hf", budgets=[0.3, 0.6],
+                       hf_options={"batch": 200, "curvature_batch": 50, "cg_max_iters": 3})
+    adam = bench.run_job("manifold", "adam", budgets=[0.3, 0.6], lr=1e-3)
+    assert [c["budget_s"] for c in hf["checkpoints"]] == [0.3, 0.6]
+    assert hf["checkpoints"][-1]["cpu_s"] >= 0.6 and hf["checkpoints"][-1]["cg_per_update"] <= 3
+    assert adam["checkpoints"][-1]["train_error"] < adam["checkpoints"][0]["train_error"] * 1.5
+    text = bench.report([hf, adam])
+    assert "best Adam (lr)" in text and "×" in text
+    assert bench.parse_hf_options(["cg_max_iters=10", "preconditioner=identity", "backtracking_factor=None"]) == \
+        {"cg_max_iters": 10, "preconditioner": "identity", "backtracking_factor": None}
+
+
+@pytest.mark.parametrize("task", ["addition", "xor", "temporal_order", "random_permutation", "memorization"])
+def test_rnn_default_input_scale_lets_early_inputs_reach_the_last_state(task):
+    """The recipe's default input scale (0.1) against the paper's N(0, 1) input weights: the
+    sensitivity of the last state to the input 95 steps earlier (seed 0, T = 100)."""
+    import torch
+
+    from recipes import rnn_pathological as rp
+
+    s = rp.spec(task)
+    b = rp.generate(task, 100, 100, torch.Generator().manual_seed(1))
+    reach = {}
+    for scale in (1.0, rp.DEFAULT_INPUT_SCALE):
+        model = rp.sparse_init_rnn(s.inputs, 100, s.outputs, torch.Generator().manual_seed(0), input_scale=scale)
+        x = b.x.clone().requires_grad_(True)
+        states, _ = rp.forward(model, x, readout=1)
+        (g,) = torch.autograd.grad(states[-1].pow(2).sum(), x)
+        reach[scale] = float(g[5].norm(dim=-1).mean())
+    assert rp.DEFAULT_INPUT_SCALE == 0.1
+    assert reach[0.1] > 0.1 and reach[0.1] > 100 * reach[1.0]

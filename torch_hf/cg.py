@@ -39,6 +39,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["CGResult", "cg", "backtracking_schedule"]
+import os
+_FROM_Q0 = os.environ.get("TORCH_HF_RATE_FROM_Q0") == "1"  # experiment switch (temporary)
 
 
 @dataclass
@@ -207,7 +209,8 @@ def cg(
             if overhead_s is not None and i >= min_iters and q_i < 0:
                 t_i = check_times[i] = time.perf_counter() - t_start
                 j = max((c for c in check_times if c <= i - max(2, math.ceil(0.1 * i))), default=None)
-                if j is not None and (q_host[j] - q_i) * (overhead_s + t_i) < -q_i * (t_i - check_times[j]):
+                gain = (q_host[0] if _FROM_Q0 else 0.0) - q_i
+                if j is not None and (q_host[j] - q_i) * (overhead_s + t_i) < gain * (t_i - check_times[j]):
                     stop_reason = "rate"
                     break
         if i == max_iters:

@@ -69,16 +69,24 @@ class DiagonalPreconditioner(Preconditioner):
     Args:
         exponent: ξ in (0, 1] (§13: 0.75).
         kappa: κ ≥ 0, added before the power.
+        decay: β in [0, 1): d is the exponential moving average of the per-step
+            estimates, d_k = β d_{k−1} + (1 − β) d̂_k (bias-corrected as in Adam), so a
+            noisy one-sample estimate on a small curvature batch is averaged over steps;
+            0 (default) uses each step's estimate alone, as the paper does.
     """
 
-    def __init__(self, exponent: float = 0.75, kappa: float = 0.0) -> None:
+    def __init__(self, exponent: float = 0.75, kappa: float = 0.0, decay: float = 0.0) -> None:
         if not 0 < exponent <= 1:
             raise ValueError(f"exponent must be in (0, 1], got {exponent}")
         if not kappa >= 0:
             raise ValueError(f"kappa must be >= 0, got {kappa}")
-        self.exponent, self.kappa = exponent, kappa
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.exponent, self.kappa, self.decay = exponent, kappa, decay
         self._inverse: Tensor | None = None
         self._diag: Tensor | None = None
+        self._average: Tensor | None = None
+        self._updates = 0
         self.last_estimate: Tensor | None = None
 
     def estimate(self, curvature) -> Tensor:  # pragma: no cover - abstract
@@ -90,6 +98,12 @@ class DiagonalPreconditioner(Preconditioner):
         if reduce is not None:
             d = reduce(d)
         d = d.clamp_min(0)
+        if self.decay > 0:
+            if self._average is None or self._average.shape != d.shape:
+                self._average, self._updates = torch.zeros_like(d), 0
+            self._updates += 1
+            self._average.mul_(self.decay).add_(d, alpha=1 - self.decay)
+            d = self._average / (1 - self.decay**self._updates)
         self.last_estimate = d
         extra = damping_diagonal if damping_diagonal is not None else 0.0
         base = d + weight_decay + extra + self.kappa
@@ -107,8 +121,17 @@ class DiagonalPreconditioner(Preconditioner):
     def diagonal(self) -> Tensor | None:
         return self._diag
 
+    def state_dict(self) -> dict:
+        if self._average is None:
+            return {}
+        return {"average": self._average.clone(), "updates": self._updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "average" in state:
+            self._average, self._updates = state["average"].clone(), int(state["updates"])
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(exponent={self.exponent}, kappa={self.kappa})"
+        return f"{type(self).__name__}(exponent={self.exponent}, kappa={self.kappa}, decay={self.decay})"
 
 
 def _require_ggn(curvature, who: str) -> GGN:
@@ -128,8 +151,9 @@ class EmpiricalFisherDiagonal(DiagonalPreconditioner):
     stays unbiased.
     """
 
-    def __init__(self, exponent: float = 0.75, kappa: float = 0.0, allow_batch_fallback: bool = False) -> None:
-        super().__init__(exponent, kappa)
+    def __init__(self, exponent: float = 0.75, kappa: float = 0.0, allow_batch_fallback: bool = False,
+                 decay: float = 0.0) -> None:
+        super().__init__(exponent, kappa, decay)
         self.allow_batch_fallback = allow_batch_fallback
 
     def estimate(self, curvature) -> Tensor:
@@ -159,11 +183,12 @@ class GGNDiagonal(DiagonalPreconditioner):
         kappa: κ.
         samples: number of random vectors averaged.
         generator: optional ``torch.Generator`` for reproducible samples.
+        decay: moving average of the estimates over steps (see :class:`DiagonalPreconditioner`).
     """
 
     def __init__(self, exponent: float = 0.75, kappa: float = 0.0, samples: int = 1,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__(exponent, kappa)
+                 generator: torch.Generator | None = None, decay: float = 0.0) -> None:
+        super().__init__(exponent, kappa, decay)
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples, self.generator = samples, generator
@@ -188,9 +213,13 @@ class GGNDiagonal(DiagonalPreconditioner):
         return total / self.samples
 
     def state_dict(self) -> dict:
-        # A list, not a tensor: Optimizer.load_state_dict casts tensors to the parameters' dtype.
-        return {"generator": self.generator.get_state().tolist()} if self.generator is not None else {}
+        state = super().state_dict()
+        if self.generator is not None:
+            # A list, not a tensor: Optimizer.load_state_dict casts tensors to the parameters' dtype.
+            state["generator"] = self.generator.get_state().tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         if self.generator is not None and "generator" in state:
             self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
