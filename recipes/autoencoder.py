@@ -59,18 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
     ap.add_argument("--full", action="store_true",
                     help="the paper's HF schedule: gradient on the whole training set, curvature on a quarter, "
-                         "CG up to 250, lambda 45, no time budget, 1000 iterations unless --max-iters")
+                         "CG up to 250 with the progress test, lambda 45, the diagonal of each step, no time "
+                         "budget, 1000 iterations unless --max-iters")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="gradient minibatch (default: hf 1000, adam/sgd 200); 0 means the whole training set")
     ap.add_argument("--curvature-batch-size", type=int, default=250,
                     help="HF curvature minibatch, a subset of the gradient batch (§12.1; default 250)")
-    ap.add_argument("--cg-max-iters", type=int, default=250, help="HF: most CG iterations (§13: 250)")
-    ap.add_argument("--cg-tol", type=float, default=5e-4,
-                    help="HF: relative-progress tolerance of CG (§4: 5e-4; 0 runs every CG step)")
-    ap.add_argument("--damping", type=float, default=45.0, help="HF: initial Tikhonov lambda (default 45)")
-    ap.add_argument("--cg-decay", type=float, default=0.95, help="HF: zeta of the CG initialisation (§10)")
+    ap.add_argument("--cg-max-iters", type=int, default=None, help="HF: most CG iterations (library default 250)")
+    ap.add_argument("--cg-tol", type=float, default=None,
+                    help="HF: relative-progress tolerance of CG (library default 5e-4; 0 runs every CG step)")
+    ap.add_argument("--cg-stop", choices=["rate", "progress"], default=None,
+                    help="HF: CG termination (library default rate; --full: progress, the paper's)")
+    ap.add_argument("--damping", type=float, default=None,
+                    help="HF: initial Tikhonov lambda (library default 1; --full: 45, the paper's)")
+    ap.add_argument("--cg-decay", type=float, default=None, help="HF: zeta of the CG initialisation (§10; 0.95)")
     ap.add_argument("--preconditioner", choices=["ggn", "fisher", "none"], default="ggn",
                     help="HF: GGN-diagonal (§11.4), empirical Fisher (§11.3) or none")
+    ap.add_argument("--preconditioner-decay", type=float, default=None,
+                    help="HF: moving average of the diagonal estimates (library default 0.95; --full: 0, the paper's)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (adam 1e-3, sgd 3e-5 with momentum, both tuned on CURVES; HF: step multiplier 1)")
     ap.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (default 0.9)")
     ap.add_argument("--weight-decay", type=float, default=2e-5, help="L2 coefficient, the same for every optimizer")
@@ -131,11 +137,31 @@ def _config(args: argparse.Namespace) -> dict:
     if cfg["full"]:
         cfg.update(time_budget=0.0, batch_size=cfg["batch_size"] if cfg["batch_size"] is not None else 0,
                    cg_max_iters=250, max_iters=cfg["max_iters"] or 1000)
+        for key, paper in (("damping", 45.0), ("cg_stop", "progress"), ("preconditioner_decay", 0.0)):
+            if cfg[key] is None:
+                cfg[key] = paper
     if cfg["batch_size"] is None:
         cfg["batch_size"] = defaults["batch_size"]
     if cfg["lr"] is None:
         cfg["lr"] = defaults["lr"]
     return cfg
+
+
+def hf_options(cfg: dict) -> dict:
+    """``HessianFree`` keywords for the options given; the library's defaults for the rest."""
+    out: dict = {}
+    for key in ("cg_max_iters", "cg_tol", "cg_stop", "cg_decay"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    if cfg.get("damping") is not None:
+        out["damping"] = torch_hf.damping.Tikhonov(cfg["damping"])
+    name, decay = cfg.get("preconditioner", "ggn"), cfg.get("preconditioner_decay")
+    if name != "ggn" or decay is not None:
+        kwargs = {} if decay is None else {"decay": decay}
+        out["preconditioner"] = {"ggn": lambda: torch_hf.preconditioners.GGNDiagonal(0.75, **kwargs),
+                                 "fisher": lambda: torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75, **kwargs),
+                                 "none": torch_hf.preconditioners.Identity}[name]()
+    return out
 
 
 def run(cfg: dict, progress: bool = True) -> dict | None:
@@ -183,12 +209,7 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
                          f"multiples of the number of processes ({world})")
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("autocast") or "none"]
     if cfg["optimizer"] == "hf":
-        pre = {"ggn": torch_hf.preconditioners.GGNDiagonal(0.75),
-               "fisher": torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75),
-               "none": torch_hf.preconditioners.Identity()}[cfg["preconditioner"]]
-        opt = torch_hf.HessianFree(model.parameters(), damping=torch_hf.damping.Tikhonov(cfg["damping"]),
-                                   preconditioner=pre, lr=cfg["lr"], weight_decay=wd,
-                                   cg_max_iters=cfg["cg_max_iters"], cg_tol=cfg["cg_tol"], cg_decay=cfg["cg_decay"])
+        opt = torch_hf.HessianFree(model.parameters(), lr=cfg["lr"], weight_decay=wd, **hf_options(cfg))
     elif cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd)
     else:
@@ -344,7 +365,7 @@ def main(argv=None) -> dict | None:
     check_args(ap, args, positive=("curvature_batch_size", "cg_max_iters", "max_iters", "train_size", "test_size",
                                    "eval_every", "threads", "lr"),
                non_negative=("batch_size", "time_budget", "cg_tol", "damping", "cg_decay", "momentum",
-                             "weight_decay"))
+                             "weight_decay", "preconditioner_decay"))
     cfg = _config(args)
     output_paths(cfg)  # a bad --out fails now, not after the run
     result = run(cfg, progress=not args.no_progress)

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--curvature-batch-size", type=int, default=250, help="HF curvature minibatch (§12.1)")
     ap.add_argument("--cg-max-iters", type=int, default=300)
     ap.add_argument("--cg-tol", type=float, default=5e-4)
+    ap.add_argument("--cg-stop", choices=["progress", "rate"], default="progress",
+                    help="HF: CG termination (HessianFree's cg_stop; progress: §4's relative-progress test, the "
+                         "setting of the runs in docs/rnns.md)")
     ap.add_argument("--damping", type=float, default=0.1, help="HF: initial lambda")
     ap.add_argument("--mu", type=float, default=1 / 30, help="HF: structural damping ratio (0 disables it)")
     ap.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
@@ -292,7 +295,8 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
         pre = (torch_hf.preconditioners.GGNDiagonal(0.75) if cfg.get("preconditioner") == "ggn"
                else torch_hf.preconditioners.Identity())
         opt = torch_hf.HessianFree(params, damping=damping, preconditioner=pre, cg_max_iters=cfg["cg_max_iters"],
-                                   cg_tol=cfg["cg_tol"], recompute=bool(checkpoint))
+                                   cg_tol=cfg["cg_tol"], cg_stop=cfg.get("cg_stop", "progress"),
+                                   recompute=bool(checkpoint))
     elif cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=cfg["lr"])
     else:

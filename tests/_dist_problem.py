@@ -26,11 +26,14 @@ def make_optimizer(config: str, m: torch.nn.Module) -> torch_hf.HessianFree:
     if config == "fisher":
         return torch_hf.HessianFree(m.parameters(), damping=torch_hf.damping.Tikhonov(0.5),
                                     preconditioner=torch_hf.preconditioners.EmpiricalFisherDiagonal(0.75),
-                                    weight_decay=1e-3, cg_max_iters=20)
+                                    weight_decay=1e-3, cg_max_iters=20, cg_stop="progress")
     if config == "scale":
         damping = torch_hf.damping.ScaleSensitive(3.0, estimator=torch_hf.preconditioners.EmpiricalFisherDiagonal())
         return torch_hf.HessianFree(m.parameters(), damping=damping,
-                                    preconditioner=torch_hf.preconditioners.Identity(), cg_max_iters=10)
+                                    preconditioner=torch_hf.preconditioners.Identity(), cg_max_iters=10,
+                                    cg_stop="progress")
+    if config == "rate":  # timing-driven CG length: the ranks must still agree
+        return torch_hf.HessianFree(m.parameters(), cg_max_iters=40, cg_tol=0.0, cg_stop="rate")
     raise ValueError(config)
 
 

@@ -163,11 +163,11 @@ def test_rate_termination_weighs_progress_against_the_steps_other_costs():
     n = 200
     a, b = spd(n, low=1e-4, high=1.0), rhs(n)
     # No other cost: CG stops once its recent rate of decrease falls below its average.
-    cheap = cg(lambda v: a @ v, b, max_iters=n, tol=0.0, overhead_s=0.0)
+    cheap = cg(lambda v: a @ v, b, max_iters=n, tol=0.0, overhead_iters=0.0)
     assert cheap.stop_reason == "rate" and cheap.iterations < n
     # An outer step that costs far more than CG: every iteration is worth it.
-    costly = cg(lambda v: a @ v, b, max_iters=n, tol=0.0, overhead_s=1e9)
+    costly = cg(lambda v: a @ v, b, max_iters=n, tol=0.0, overhead_iters=1e9)
     assert costly.stop_reason != "rate" and costly.iterations > cheap.iterations
-    assert cg(lambda v: a @ v, b, max_iters=n, min_iters=20, tol=0.0, overhead_s=0.0).iterations >= 20
-    with pytest.raises(ValueError, match="overhead_s"):
-        cg(lambda v: a @ v, b, overhead_s=-1.0)
+    assert cg(lambda v: a @ v, b, max_iters=n, min_iters=20, tol=0.0, overhead_iters=0.0).iterations >= 20
+    with pytest.raises(ValueError, match="overhead_iters"):
+        cg(lambda v: a @ v, b, overhead_iters=-1.0)

@@ -59,6 +59,15 @@ def test_two_gloo_processes_match_one_process_on_whole_batch(config, tmp_path):
             assert torch.allclose(a, b, rtol=0, atol=1e-10), (config, r, float((a - b).abs().max()))
 
 
+def test_rate_termination_stops_cg_at_the_same_iteration_on_every_process(tmp_path):
+    """cg_stop='rate' weighs CG against measured times, which differ between processes;
+    the cost estimate is averaged over the group, so all ranks take the same steps
+    (a rank stopping CG early would leave the others waiting in an all-reduce)."""
+    first, second = _launch("rate", tmp_path)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_resolve_process_group_without_init():
     assert not dist.is_initialized()
     assert resolve_process_group(None) is None

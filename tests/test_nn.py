@@ -126,7 +126,7 @@ def test_recompute_with_structural_damping_and_in_the_optimizer():
     finals = []
     for recompute, ck in ((False, None), (True, "sqrt")):
         params, closure_for = _rnn(T=6)
-        opt = torch_hf.HessianFree(params, damping=torch_hf.damping.Structural(0.5, mu=0.2, batch_dim=1),
+        opt = torch_hf.HessianFree(params, damping=torch_hf.damping.Structural(0.5, mu=0.2, batch_dim=1), cg_stop="progress",
                                    recompute=recompute, cg_max_iters=10)
         for _ in range(2):
             opt.step(closure_for(ck, extras=True))

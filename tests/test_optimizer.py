@@ -29,7 +29,7 @@ def _least_squares(n=30, d=6, seed=0):
 
 def test_one_step_lands_on_the_least_squares_optimum():
     lin, a, y, closure = _least_squares()
-    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(),
+    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(), cg_stop="progress",
                       cg_max_iters=6, cg_tol=0.0, cg_decay=0.0)
     opt.step(closure)
     expected = torch.linalg.lstsq(a, y).solution.reshape(-1)
@@ -40,7 +40,7 @@ def test_one_step_lands_on_the_least_squares_optimum():
 def test_weight_decay_is_added_exactly_to_gradient_and_curvature():
     lin, a, y, closure = _least_squares()
     wd = 3.0
-    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(),
+    opt = HessianFree(lin.parameters(), damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(), cg_stop="progress",
                       cg_max_iters=6, cg_tol=0.0, cg_decay=0.0, weight_decay=wd)
     opt.step(closure)
     ridge = torch.linalg.solve(a.T @ a + wd * torch.eye(6, dtype=torch.float64), a.T @ y).reshape(-1)
@@ -58,7 +58,7 @@ def test_per_group_weight_decay_is_honoured():
         return 0.5 * ((z - y) ** 2).sum(), z
 
     opt = HessianFree([{"params": [lin.weight], "weight_decay": 2.0}, {"params": [lin.bias], "weight_decay": 0.0}],
-                      damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(), cg_max_iters=5, cg_tol=0.0,
+                      damping=Tikhonov(1e-12, adapt=None), preconditioner=Identity(), cg_max_iters=5, cg_tol=0.0, cg_stop="progress",
                       cg_decay=0.0)
     opt.step(closure)
     ax = torch.cat([a, torch.ones(40, 1, dtype=torch.float64)], 1)
@@ -160,7 +160,7 @@ def test_step_chooses_the_backtracked_iterate_and_reports_it():
             return loss, z
         return (lin.weight.reshape(-1) - theta0).norm().sub(target).square() - 1.0, z
 
-    opt = HessianFree(lin.parameters(), **kwargs)
+    opt = HessianFree(lin.parameters(), cg_stop="progress", **kwargs)
     opt.step(scored_closure)
     d = opt.last_step
     assert d.chosen_iteration == target_iteration < d.cg_iterations
@@ -324,7 +324,7 @@ def test_non_finite_curvature_product_ends_cg_with_best_finite_iterate():
         p = torch.sigmoid(model[-1].weight.new_zeros(1))  # any finite scale
         return u * 0.05 * scale
 
-    opt = HessianFree(model.parameters(), cg_max_iters=30, preconditioner=Identity(), loss_hvp=loss_hvp)
+    opt = HessianFree(model.parameters(), cg_max_iters=30, preconditioner=Identity(), loss_hvp=loss_hvp, cg_stop="progress")
     opt.step(closure_for(model))
     d = opt.last_step
     assert d.cg_stop_reason == "non_finite" and d.cg_iterations <= 4
@@ -603,7 +603,7 @@ def test_subnormals_are_flushed_inside_the_step_and_the_callers_mode_restored():
 def test_rate_termination_stops_cg_early_and_still_trains():
     model, closure_for = _small_autoencoder()
     fast_model = copy.deepcopy(model)
-    slow = HessianFree(model.parameters(), cg_max_iters=60, cg_tol=0.0)
+    slow = HessianFree(model.parameters(), cg_max_iters=60, cg_tol=0.0, cg_stop="progress")
     fast = HessianFree(fast_model.parameters(), cg_max_iters=60, cg_tol=0.0, cg_stop="rate")
     losses, reasons = [], []
     for _ in range(5):

@@ -51,7 +51,11 @@ def test_help_states_the_default_time_budget():
 def test_full_flag_selects_the_paper_schedule():
     cfg = autoencoder._config(autoencoder.build_parser().parse_args(["--full"]))
     assert cfg["time_budget"] == 0 and cfg["cg_max_iters"] == 250 and cfg["batch_size"] == 0
-    assert cfg["max_iters"] == 1000
+    assert cfg["max_iters"] == 1000 and cfg["damping"] == 45 and cfg["cg_stop"] == "progress"
+    opts = autoencoder.hf_options(cfg)
+    assert opts["cg_stop"] == "progress" and opts["damping"].value == 45 and opts["preconditioner"].decay == 0
+    # Without --full the recipe passes nothing it was not given: the library's defaults apply.
+    assert autoencoder.hf_options(autoencoder._config(autoencoder.build_parser().parse_args([]))) == {}
 
 
 def test_plot_several_results(tmp_path):

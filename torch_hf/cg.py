@@ -9,12 +9,14 @@ q is the damped model M̂(δ) − f) given only products ``mv(v) = A v``:
   ``s_j = (q(x_j) − q(x_{j−k})) / q(x_j) < tol`` with window ``k = max(10, ⌈0.1 j⌉)``
   and ``q(x_j) < 0``, plus ``max_iters`` / ``min_iters``;
 * optional rate termination, §4's "more economical trade-off between relative progress
-  and computation" made explicit: given the seconds the rest of the HF step costs
-  (``overhead_s``), stop when the recent rate of decrease of q per second,
-  ``(q(x_{j−k}) − q(x_j)) / (t_j − t_{j−k})``, falls below the step's average rate so far,
-  ``−q(x_j) / (overhead_s + t_j)``, with ``k = max(2, ⌈0.1 j⌉)``. This is the stopping
-  rule that maximises the model decrease per second over a sequence of steps when each
-  further CG iteration buys less than the one before (the marginal value theorem);
+  and computation" made explicit: given what the rest of the HF step costs in units of
+  CG iterations (``overhead_iters``), stop when the recent decrease of q per iteration,
+  ``(q(x_{j−k}) − q(x_j)) / k``, falls below the step's average decrease per unit of cost,
+  ``−q(x_j) / (overhead_iters + j)``, with ``k = max(2, ⌈0.1 j⌉)``. This is the stopping
+  rule that maximises the model decrease per unit of time over a sequence of steps when
+  each further CG iteration buys less than the one before (the marginal value theorem).
+  It depends only on q and the given cost, so every process of a data-parallel group
+  makes the same decision;
 * negative or zero curvature ``pᵀAp ≤ 0`` (or a non-finite product) stops CG with the
   last good iterate;
 * iterates are kept on a geometric schedule (iterations ⌈γ^m⌉, γ = 1.3 by default)
@@ -31,7 +33,6 @@ needs a norm on the host each iteration.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,8 +40,6 @@ import torch
 from torch import Tensor
 
 __all__ = ["CGResult", "cg", "backtracking_schedule"]
-import os
-_FROM_Q0 = os.environ.get("TORCH_HF_RATE_FROM_Q0") == "1"  # experiment switch (temporary)
 
 
 @dataclass
@@ -103,7 +102,7 @@ def cg(
     trust_radius: float | None = None,
     trust_metric: Tensor | None = None,
     check_every: int = 1,
-    overhead_s: float | None = None,
+    overhead_iters: float | None = None,
 ) -> CGResult:
     """Run preconditioned CG (Algorithm 2) on ``A x = b``.
 
@@ -119,8 +118,8 @@ def cg(
         trust_radius: when set, Steihaug-Toint truncation at ``‖x‖_P = trust_radius``.
         trust_metric: diagonal of P for the trust-region norm (identity when ``None``).
         check_every: read termination quantities on the host every this many iterations.
-        overhead_s: the seconds one outer step spends outside CG; enables rate
-            termination (see the module docstring). ``None``: progress criterion only.
+        overhead_iters: what one outer step costs outside CG, in CG iterations; enables
+            rate termination (see the module docstring). ``None``: progress criterion only.
 
     Returns:
         :class:`CGResult`.
@@ -135,10 +134,8 @@ def cg(
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     if trust_radius is not None and not trust_radius > 0:
         raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
-    if overhead_s is not None and not overhead_s >= 0:
-        raise ValueError(f"overhead_s must be >= 0, got {overhead_s}")
-    t_start = time.perf_counter()
-    check_times: dict[int, float] = {0: 0.0}  # seconds since the start, at host checks
+    if overhead_iters is not None and not overhead_iters >= 0:
+        raise ValueError(f"overhead_iters must be >= 0, got {overhead_iters}")
     solve = precondition if precondition is not None else (lambda r: r)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = (mv(x) - b) if x0 is not None else -b  # fresh tensors: r is updated in place
@@ -206,13 +203,11 @@ def cg(
             if i >= max(min_iters, k + 1) and q_i < 0 and (q_i - q_host[i - k]) / q_i < tol:
                 stop_reason = "progress"
                 break
-            if overhead_s is not None and i >= min_iters and q_i < 0:
-                t_i = check_times[i] = time.perf_counter() - t_start
-                j = max((c for c in check_times if c <= i - max(2, math.ceil(0.1 * i))), default=None)
-                gain = (q_host[0] if _FROM_Q0 else 0.0) - q_i
-                if j is not None and (q_host[j] - q_i) * (overhead_s + t_i) < gain * (t_i - check_times[j]):
-                    stop_reason = "rate"
-                    break
+            k = max(2, math.ceil(0.1 * i))
+            if overhead_iters is not None and i >= max(min_iters, k) and q_i < 0 \
+                    and (q_host[i - k] - q_i) * (overhead_iters + i) < -q_i * k:
+                stop_reason = "rate"
+                break
         if i == max_iters:
             break
         y = solve(r)

@@ -32,13 +32,18 @@ from .curvature import GGN, Hessian, NonFiniteLossError, evaluate_closure
 from .damping import Damping, DampingContext, Tikhonov
 from .distributed import Reducer, resolve_process_group
 from .nn import OffloadActivations
-from .preconditioners import GGNDiagonal, Preconditioner
+from .preconditioners import GGNDiagonal, Identity, Preconditioner
 
 __all__ = ["HessianFree", "StepDiagnostics", "cg_backtracking"]
 
 logger = logging.getLogger("torch_hf")
 
 # Hyper-parameters that apply to the whole optimizer (HF solves one joint quadratic).
+# Costs relative to one curvature-vector product on the same batch, for cg_stop="rate"
+# (docs/benchmarks.md: a GGN product costs 1.27 gradients; a forward pass about a third).
+_GRADIENT_PER_PRODUCT = 0.8
+_FORWARD_PER_PRODUCT = 0.3
+
 _GLOBAL = ("lr", "cg_max_iters", "cg_min_iters", "cg_tol", "cg_stop", "cg_decay", "backtracking_factor",
            "line_search_c", "line_search_beta", "line_search_max_evals", "trust_radius")
 
@@ -93,11 +98,16 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: most CG iterations per step (§8.7: 250).
         cg_min_iters: fewest CG iterations before progress termination.
         cg_tol: relative-progress threshold of §4.
-        cg_stop: ``"progress"``: CG runs until the relative-progress test (``cg_tol``) or
-            ``cg_max_iters``; ``"rate"``: it also stops once its recent decrease of the
-            quadratic model per second falls below the step's average decrease per second,
-            counting the rest of the step (gradient, curvature evaluation, preconditioner,
-            trial objectives: measured, not assumed) as time spent (:func:`torch_hf.cg.cg`).
+        cg_stop: ``"rate"`` (default): CG also stops once its recent decrease of the
+            quadratic model per iteration falls below the step's average decrease per unit
+            of cost, counting the rest of the step (curvature evaluation, preconditioner,
+            the gradient on a larger gradient batch, trial objectives) in products
+            (:func:`torch_hf.cg.cg`). That is the economical truncation §4 alludes to; with
+            minibatches it buys more updates per second. The costs are counted from the
+            batch sizes, not timed, so runs are reproducible. ``"progress"``: only the
+            relative-progress test (``cg_tol``) and ``cg_max_iters``, the paper's rule;
+            prefer it for full-batch precise fits (PINNs, regression to 1e-8), where long
+            CG runs pay off.
         cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
         backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
             disables backtracking (the last iterate is used).
@@ -166,7 +176,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: int = 250,
         cg_min_iters: int = 1,
         cg_tol: float = 5e-4,
-        cg_stop: str = "progress",
+        cg_stop: str = "rate",
         cg_decay: float = 0.95,
         backtracking_factor: float | None = 1.3,
         line_search_c: float | None = 1e-2,
@@ -260,7 +270,7 @@ class HessianFree(torch.optim.Optimizer):
         self.history_size = history_size
         self.flush_denormal = bool(flush_denormal)
         self._trial_needs_grad = False
-        self._last_trial_s = 0.0  # the last step's trial-point time: part of the next one's overhead
+        self._last_trial_evaluations = 2  # the last step's trial objectives: the next one's expected count
         self._warned_stall = False
         self._safe_kernels: bool | None = None  # decided by the first curvature operator
         if generator is None:
@@ -440,14 +450,13 @@ class HessianFree(torch.optim.Optimizer):
             op, f_loss = self._gradient_and_curvature(s, curvature_closure)
         with self._timed(s, "preconditioner"):
             lam, damped_mv = self._damping_and_preconditioner(s, op)
-        s.overhead_s = time.perf_counter() - t_start + self._last_trial_s
         with self._timed(s, "cg"):
-            result = self._solve(s, damped_mv, state)
+            result = self._solve(s, op, damped_mv, state)
         with self._timed(s, "backtracking_and_line_search"):
             chosen_it, delta, q_chosen, f_best = self._backtrack(s, result)
             rho, model_reduction, informative = self._adapt_damping(s, op, delta, q_chosen, f_best, state)
             alpha, f_new, slope = self._line_search(s, delta, f_best)
-        self._last_trial_s = s.times["backtracking_and_line_search"]
+        self._last_trial_evaluations = s.evals
         step_scale = self._apply(s, delta, alpha, result, state)
         if step_scale != alpha:  # lr != 1: f at the final point is not the one measured
             f_new = float("nan")
@@ -498,7 +507,10 @@ class HessianFree(torch.optim.Optimizer):
             if curvature_closure is None and curv_closure is closure:
                 f_loss, f_grad = op.loss, op.grad
             else:
-                loss_t, _ = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
+                loss_t, outs = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
+                s.separate_gradient = True
+                if outs and op.outputs and op.outputs[0].numel():
+                    s.batch_ratio = outs[0].numel() / op.outputs[0].numel()
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss_t, params, allow_unused=True)
                 f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
@@ -553,7 +565,7 @@ class HessianFree(torch.optim.Optimizer):
 
         return lam, damped_mv
 
-    def _solve(self, s: "_Step", damped_mv: Callable[[Tensor], Tensor], state: dict):
+    def _solve(self, s: "_Step", op, damped_mv: Callable[[Tensor], Tensor], state: dict):
         """Line 4: δ ← PCG(−∇f, A, x₀ = ζ·δ₍k−1₎, P) (Alg. 2, §10), keeping the iterates
         ⌈γ^m⌉ for backtracking."""
         group = self.param_groups[0]
@@ -566,7 +578,7 @@ class HessianFree(torch.optim.Optimizer):
                          min_iters=group["cg_min_iters"], tol=group["cg_tol"], backtracking_factor=factor,
                          trust_radius=group["trust_radius"], trust_metric=trust_metric,
                          check_every=self._check_every(s.params),
-                         overhead_s=s.overhead_s if group["cg_stop"] == "rate" else None)
+                         overhead_iters=self._overhead_iterations(s, op) if group["cg_stop"] == "rate" else None)
         try:
             return cg(damped_mv, -s.grad, x0, **cg_kwargs)
         except FloatingPointError:
@@ -574,6 +586,19 @@ class HessianFree(torch.optim.Optimizer):
                 raise
             logger.warning("torch_hf: non-finite product at the CG initialisation; restarting CG from zero")
             return cg(damped_mv, -s.grad, None, **cg_kwargs)
+
+    def _overhead_iterations(self, s: "_Step", op) -> float:
+        """What this step costs outside CG, in CG iterations (products on the curvature
+        batch), for ``cg_stop="rate"``: counted, not timed, so runs stay reproducible and
+        every process of a group stops CG at the same iteration. The curvature evaluation
+        and the preconditioner's estimate cost about one product each; a gradient on the
+        gradient batch ``r`` times the curvature batch ``_GRADIENT_PER_PRODUCT·r``; each
+        trial objective (as many as the last step needed) ``_FORWARD_PER_PRODUCT·r``."""
+        r = s.batch_ratio
+        cost = 1.0 + (0.0 if isinstance(self.preconditioner, Identity) else 1.0)
+        if s.separate_gradient:
+            cost += _GRADIENT_PER_PRODUCT * r
+        return cost + self._last_trial_evaluations * _FORWARD_PER_PRODUCT * r
 
     def _f_at(self, s: "_Step", delta: Tensor, alpha: float = 1.0) -> float:
         """The objective at the trial point θ₀ + α·δ (left written in the parameters)."""
@@ -673,7 +698,8 @@ class _Step:
     grad: Tensor | None = None
     loss_before: float = math.nan
     float_eps: float = 0.0
-    overhead_s: float = 0.0
+    separate_gradient: bool = False  # the gradient batch is not the curvature batch
+    batch_ratio: float = 1.0  # gradient batch / curvature batch (by the outputs' sizes)
     products: int = 0
     evals: int = 0
     backtracking_evals: int = 0
