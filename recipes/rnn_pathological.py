@@ -172,6 +172,18 @@ def sparse_init_rnn(inputs: int, hidden: int, outputs: int, gen: torch.Generator
     return model
 
 
+def input_reach(task: str, input_scale: float, seed: int, T: int = 100, back: int = 95, n: int = 100) -> float:
+    """‖∂h_T/∂x_{T−back}‖ averaged over ``n`` sequences at initialization: how much of an
+    input ``back`` steps earlier reaches the last state (why the default input scale is 0.1)."""
+    s = spec(task)
+    b = generate(task, T, n, torch.Generator().manual_seed(1))
+    model = sparse_init_rnn(s.inputs, 100, s.outputs, torch.Generator().manual_seed(seed), input_scale=input_scale)
+    x = b.x.clone().requires_grad_(True)
+    states, _ = forward(model, x, readout=1)
+    (g,) = torch.autograd.grad(states[-1].pow(2).sum(), x)
+    return float(g[T - back].norm(dim=-1).mean())
+
+
 def forward(model: torch.nn.ModuleDict, x: torch.Tensor, checkpoint=None, readout: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """All hidden states (T × B × H) and the readout of the last ``readout`` steps (all
@@ -226,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--task all: the optimizers (default hf adam)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--task all: the seeds (default 0 1 2)")
     ap.add_argument("--jobs", type=int, default=2, help="--task all: runs at a time, one thread each (default 2)")
+    ap.add_argument("--reach", action="store_true",
+                    help="print, per task, the last state's sensitivity to the input 95 steps back at "
+                         "initialization, for input scales 1 and 0.1 and --seeds, and exit")
     ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
                     help="print the summary table of saved runs (and write --out/summary.png) instead of training")
     ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
@@ -545,6 +560,14 @@ def main(argv=None) -> dict | list[dict]:
     check_args(ap, args, positive=("T", "hidden", "input_scale", "max_iters", "batch_size", "curvature_batch_size",
                                    "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs"),
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
+    if args.reach:
+        rows = {}
+        for task in args.tasks:
+            rows[task] = {scale: [input_reach(task, scale, seed, T=args.T) for seed in args.seeds]
+                          for scale in (1.0, DEFAULT_INPUT_SCALE)}
+            print(f"{task:20s} " + " | ".join(f"scale {scale:g}: " + " ".join(f"{r:.0e}" for r in v)
+                                              for scale, v in rows[task].items()))
+        return rows
     if args.summary:
         import json
 

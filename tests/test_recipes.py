@@ -308,18 +308,8 @@ def test_hf_vs_adam_benchmark_job_and_report():
 def test_rnn_default_input_scale_lets_early_inputs_reach_the_last_state(task):
     """The recipe's default input scale (0.1) against the paper's N(0, 1) input weights: the
     sensitivity of the last state to the input 95 steps earlier (seed 0, T = 100)."""
-    import torch
-
     from recipes import rnn_pathological as rp
 
-    s = rp.spec(task)
-    b = rp.generate(task, 100, 100, torch.Generator().manual_seed(1))
-    reach = {}
-    for scale in (1.0, rp.DEFAULT_INPUT_SCALE):
-        model = rp.sparse_init_rnn(s.inputs, 100, s.outputs, torch.Generator().manual_seed(0), input_scale=scale)
-        x = b.x.clone().requires_grad_(True)
-        states, _ = rp.forward(model, x, readout=1)
-        (g,) = torch.autograd.grad(states[-1].pow(2).sum(), x)
-        reach[scale] = float(g[5].norm(dim=-1).mean())
+    reach = {scale: rp.input_reach(task, scale, seed=0) for scale in (1.0, rp.DEFAULT_INPUT_SCALE)}
     assert rp.DEFAULT_INPUT_SCALE == 0.1
     assert reach[0.1] > 0.1 and reach[0.1] > 100 * reach[1.0]

@@ -148,9 +148,9 @@ class HessianFree(torch.optim.Optimizer):
             (``torch.set_flush_denormal``), and restore the caller's mode afterwards.
             Deep logistic networks at sparse initialization back-propagate values below
             float32's normal range, which x86 CPUs handle in slow microcode: on the CURVES
-            autoencoder a gradient on 250 cases costs 111 ms with subnormals and 11 ms
-            without (1 thread). Values this small (< 1.2e-38 in float32) carry nothing the
-            step can use. No effect on other devices or where the CPU lacks the mode.
+            autoencoder a gradient on 250 cases costs 111 ms with subnormals and 12 ms
+            without (1 thread, ``benchmarks/subnormals.py``). Values this small
+            (< 1.2e-38 in float32) carry nothing the step can use. No effect on other devices or where the CPU lacks the mode.
 
     The closure takes no arguments and returns ``(loss, outputs)`` (or only ``loss`` for
     ``curvature="hessian"``) with no ``backward()`` inside; see DESIGN.md / the README.

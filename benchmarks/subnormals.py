@@ -1,0 +1,102 @@
+"""What subnormal floats cost on CPU, and where an HF step's time goes.
+
+1. On the CURVES autoencoder at sparse initialization (``recipes/models.py``), a gradient
+   and a GGN product on ``--batch`` cases, timed with float32 subnormals handled by the
+   CPU and flushed to zero (``torch.set_flush_denormal``), interleaved, medians; printed as
+   the ratio slow / flushed (why ``HessianFree(flush_denormal=True)`` is the default).
+2. ``--steps`` HF steps with the library's defaults (gradient batch 1000, curvature batch
+   250, the README's loop) from the same initialization: the fraction of step time in
+   each phase of Algorithm 3 (``opt.last_step.times``) and CG iterations per step.
+
+    python benchmarks/subnormals.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch_hf  # noqa: E402
+from benchmarks._common import interleaved  # noqa: E402
+from recipes.data import load_curves  # noqa: E402
+from recipes.models import CURVES_LAYERS, deep_autoencoder  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20, help="HF steps profiled (0: none)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train, _ = load_curves(None, n_train=20000, n_test=10000, seed=0)
+    x_all = torch.from_numpy(train)
+    model = deep_autoencoder(CURVES_LAYERS, generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    x = x_all[: args.batch]
+
+    def closure():
+        z = model(x)
+        return F.binary_cross_entropy_with_logits(z, x, reduction="sum") / len(x), z
+
+    op = torch_hf.GGN(params, closure)
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
+
+    def with_mode(flush: bool, fn):
+        def run():
+            torch.set_flush_denormal(flush)
+            fn()
+        return run
+
+    def gradient():
+        loss, _ = closure()
+        torch.autograd.grad(loss, params)
+
+    t = interleaved({"gradient, subnormals": with_mode(False, gradient),
+                     "gradient, flushed": with_mode(True, gradient),
+                     "GGN product, subnormals": with_mode(False, lambda: op.mv(v)),
+                     "GGN product, flushed": with_mode(True, lambda: op.mv(v))}, reps=args.reps)
+    torch.set_flush_denormal(False)
+    out = {k: round(s * 1000, 2) for k, s in t.items()}
+    print(f"CURVES autoencoder, {args.batch} cases, threads {torch.get_num_threads()} (median ms):")
+    for what in ("gradient", "GGN product"):
+        slow, fast = t[f"{what}, subnormals"], t[f"{what}, flushed"]
+        print(f"  {what:12s} {slow * 1000:8.1f} with subnormals {fast * 1000:8.1f} flushed   ratio {slow / fast:.1f}")
+        out[f"{what} ratio"] = round(slow / fast, 2)
+    if args.steps:
+        opt = torch_hf.HessianFree(params, weight_decay=2e-5)
+        perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(2))
+        phases: dict[str, float] = {}
+        iters = 0
+        for k in range(args.steps):
+            xb = x_all[perm[k * 1000:(k + 1) * 1000]]
+            xc = xb[:250]
+
+            def step_closure():
+                z = model(xb)
+                return F.binary_cross_entropy_with_logits(z, xb, reduction="sum") / len(xb), z
+
+            def curvature_closure():
+                z = model(xc)
+                return F.binary_cross_entropy_with_logits(z, xc, reduction="sum") / len(xc), z
+
+            opt.step(step_closure, curvature_closure)
+            iters += opt.last_step.cg_iterations
+            for name, s in opt.last_step.times.items():
+                phases[name] = phases.get(name, 0.0) + s
+        total = sum(phases.values())
+        print(f"{args.steps} HF steps, library defaults, 1000 / 250: {iters / args.steps:.1f} CG iterations per step")
+        for name, s in phases.items():
+            print(f"  {name:30s} {100 * s / total:5.1f}%")
+            out[f"share {name}"] = round(s / total, 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()
