@@ -203,9 +203,9 @@ def cg(
             if i >= max(min_iters, k + 1) and q_i < 0 and (q_i - q_host[i - k]) / q_i < tol:
                 stop_reason = "progress"
                 break
-            k = max(2, math.ceil(0.1 * i))
-            if overhead_iters is not None and i >= max(min_iters, k) and q_i < 0 \
-                    and (q_host[i - k] - q_i) * (overhead_iters + i) < -q_i * k:
+            w = max(2, math.ceil(0.1 * i))  # the rate test's own, shorter window
+            if overhead_iters is not None and i >= max(min_iters, w) and q_i < 0 \
+                    and (q_host[i - w] - q_i) * (overhead_iters + i) < -q_i * w:
                 stop_reason = "rate"
                 break
         if i == max_iters:
