@@ -97,7 +97,8 @@ def _parse_value(text: str):
 
 
 def parse_hf_options(items: list[str]) -> dict:
-    """``key=value`` pairs; ``preconditioner=identity|ggn|fisher``, ``preconditioner_decay=<β>``
+    """``key=value`` pairs; ``preconditioner=identity|ggn|fisher|kfac``, ``preconditioner_decay=<β>``,
+    ``kfac_inverse_every=<k>``
     and ``damping=<λ₀>`` name objects, the rest are ``HessianFree`` keywords or ``batch``/``curvature_batch``."""
     opts = {}
     for item in items:
@@ -110,10 +111,15 @@ def parse_hf_options(items: list[str]) -> dict:
 
 def build_hf(params, opts: dict) -> torch_hf.HessianFree:
     kwargs = {k: v for k, v in opts.items() if k not in ("batch", "curvature_batch")}
-    decay = kwargs.pop("preconditioner_decay", 0.0)
+    decay = kwargs.pop("preconditioner_decay", None)
+    inverse_every = int(kwargs.pop("kfac_inverse_every", 1))
     if "preconditioner" in kwargs or decay:
         name = kwargs.pop("preconditioner", "ggn")
+        if decay is None:
+            decay = 0.95 if name == "kfac" else 0.0
         kwargs["preconditioner"] = {"identity": lambda: torch_hf.preconditioners.Identity(),
+                                    "kfac": lambda: torch_hf.preconditioners.KFAC(decay=decay,
+                                                                                 inverse_every=inverse_every),
                                     "ggn": lambda: torch_hf.preconditioners.GGNDiagonal(0.75, decay=decay),
                                     "fisher": lambda: torch_hf.preconditioners.EmpiricalFisherDiagonal(
                                         0.75, decay=decay)}[name]()

@@ -34,6 +34,9 @@ def make_optimizer(config: str, m: torch.nn.Module) -> torch_hf.HessianFree:
                                     cg_stop="progress")
     if config == "rate":  # timing-driven CG length: the ranks must still agree
         return torch_hf.HessianFree(m.parameters(), cg_max_iters=40, cg_tol=0.0, cg_stop="rate")
+    if config == "kfac":  # Kronecker factors averaged over the group: every rank gets the same P
+        pre = torch_hf.preconditioners.KFAC(decay=0.5, inverse_every=2, generator=torch.Generator().manual_seed(0))
+        return torch_hf.HessianFree(m.parameters(), preconditioner=pre, cg_max_iters=20, cg_stop="progress")
     raise ValueError(config)
 
 

@@ -68,6 +68,14 @@ def test_rate_termination_stops_cg_at_the_same_iteration_on_every_process(tmp_pa
         assert torch.equal(a, b)
 
 
+def test_kfac_factors_are_averaged_so_every_process_takes_the_same_step(tmp_path):
+    first, second = _launch("kfac", tmp_path)
+    start = [p.detach() for p in __import__("_dist_problem").model(seed=0).parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(first, start)) > 1e-3
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_resolve_process_group_without_init():
     assert not dist.is_initialized()
     assert resolve_process_group(None) is None

@@ -1,4 +1,6 @@
 """Diagonal preconditioners (§11): estimators against brute force, P = (d + λD + κ)^ξ."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +156,147 @@ def test_decayed_diagonal_is_the_bias_corrected_moving_average_and_is_saved():
     pre.update(None, damping_diagonal=0.0)
     other.update(None, damping_diagonal=0.0)
     assert torch.equal(pre.last_estimate, other.last_estimate)
+
+
+# -- K-FAC (Martens & Grosse 2015) ---------------------------------------------------
+def _kfac_block(pre, layer):
+    """The (A ⊗ G) block of ``layer`` over vec([W b]) row-major, as pre stores it."""
+    correction = 1 - pre.decay**pre._updates
+    return torch.kron(pre._G[layer] / correction, pre._A[layer] / correction)
+
+
+def _permutation_to_wb(out, inp):
+    """Indices mapping row-major vec([W b]) (out × (in+1)) onto the flat (W, b) order."""
+    idx = torch.arange(out * (inp + 1)).view(out, inp + 1)
+    return torch.cat([idx[:, :inp].reshape(-1), idx[:, inp]])
+
+
+def test_kfac_factors_are_the_exact_ggn_blocks_for_one_case_and_one_output():
+    # one case: Σ_i x̃x̃ᵀ ⊗ δδᵀ has one term, so A ⊗ G is the block exactly; one output
+    # with squared error: δ = J_zᵀ S v with v = ±1, deterministic in δδᵀ
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(1, 3, dtype=torch.float64)
+
+    def closure():
+        z = model(x)
+        return F.mse_loss(z, torch.ones_like(z)), z
+
+    ggn = torch_hf.GGN(model.parameters(), closure)
+    pre = torch_hf.preconditioners.KFAC(decay=0.0)
+    pre.update(ggn, damping_diagonal=1.0)
+    dense = ggn.dense()
+    assert pre._layers == [(0, 1), (2, 3)]
+    start = 0
+    for layer, (out, inp) in enumerate([(4, 3), (1, 4)]):
+        n = out * (inp + 1)
+        perm = _permutation_to_wb(out, inp)
+        block = _kfac_block(pre, layer)[perm][:, perm]
+        assert torch.allclose(block, dense[start:start + n, start:start + n], rtol=1e-10, atol=1e-14)
+        start += n
+
+
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_kfac_solve_inverts_the_factored_damped_blocks(exponent):
+    model, x, t, loss_fn, closure = _mlp_case("ce")
+    ggn = torch_hf.GGN(model.parameters(), closure)
+    pre = torch_hf.preconditioners.KFAC(decay=0.0, exponent=exponent, generator=torch.Generator().manual_seed(0))
+    lam, wd = 0.3, 0.01
+    pre.update(ggn, damping_diagonal=lam, weight_decay=wd)
+    gamma = lam + wd
+    blocks, start = [], 0
+    for layer, (out, inp) in enumerate([(5, 4), (3, 5), (4, 3)]):
+        A, G = pre._A[layer], pre._G[layer]
+        pi = ((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0])).sqrt()
+
+        def power(m, add):
+            s, q = torch.linalg.eigh(m + add * torch.eye(m.shape[0], dtype=m.dtype))
+            return (q * s.pow(exponent)) @ q.t()
+
+        P = torch.kron(power(G, gamma**0.5 / pi), power(A, pi * gamma**0.5))
+        perm = _permutation_to_wb(out, inp)
+        blocks.append(P[perm][:, perm])
+    P = torch.block_diag(*blocks)
+    r = torch.randn(P.shape[0], dtype=torch.float64)
+    assert torch.allclose(P @ pre.solve(r), r, rtol=1e-9, atol=1e-11)
+    assert torch.allclose(pre.diagonal(), torch.diagonal(P), rtol=1e-10)
+
+
+def test_kfac_falls_back_to_the_diagonal_outside_linear_layers():
+    torch.manual_seed(0)
+    shared, head = nn.Linear(4, 4).double(), nn.Linear(4, 2).double()  # shared: applied twice, like a recurrence
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def closure():
+        z = head(torch.tanh(shared(torch.tanh(shared(x)))))
+        return F.mse_loss(z, torch.zeros_like(z)), z
+
+    ggn = torch_hf.GGN(list(shared.parameters()) + list(head.parameters()), closure)
+    pre = torch_hf.preconditioners.KFAC(decay=0.0, fallback_exponent=1.0)
+    pre.update(ggn, damping_diagonal=0.5)
+    assert pre._layers == [(2, 3)] and not bool(pre._covered[:20].any()) and bool(pre._covered[20:].all())
+    rest = ~pre._covered
+    r = torch.randn(pre._covered.numel(), dtype=torch.float64)
+    # the diagonal there is (sq(Jᵀ S v) + λ): at least λ, and solve divides by it
+    assert bool((pre.diagonal()[rest] >= 0.5).all())
+    assert torch.allclose(pre.solve(r)[rest], r[rest] / pre.diagonal()[rest])
+
+
+def test_kfac_trains_and_resumes_bit_identically():
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        pre = torch_hf.preconditioners.KFAC(inverse_every=2, generator=torch.Generator().manual_seed(2))
+        opt = torch_hf.HessianFree(model.parameters(), preconditioner=pre, cg_max_iters=10)
+
+        def closure():
+            z = model(x)
+            return F.cross_entropy(z, y), z
+        return model, opt, closure
+
+    model, opt, closure = make()
+    first = float(closure()[0].detach())
+    for _ in range(5):
+        opt.step(closure)
+    saved = copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.step(closure)
+    assert float(closure()[0].detach()) < 0.85 * first
+    other, other_opt, other_closure = make()
+    for _ in range(5):
+        other_opt.step(other_closure)
+    other_opt.load_state_dict(saved)
+    for _ in range(4):
+        other_opt.step(other_closure)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
+
+def test_kfac_without_a_closed_form_output_factor_is_the_ggn_diagonal(caplog):
+    model, x, t, loss_fn, closure = _mlp_case("ce")
+
+    def penalised():  # a sum of losses is not a recognised matching loss: no closed-form S
+        z = model(x)
+        return F.cross_entropy(z, t) + z.pow(4).mean(), z
+
+    for op in (torch_hf.GGN(model.parameters(), penalised), torch_hf.Hessian(model.parameters(), closure)):
+        pre = torch_hf.preconditioners.KFAC(generator=torch.Generator().manual_seed(3))
+        diag = GGNDiagonal(0.75, generator=torch.Generator().manual_seed(3))
+        with caplog.at_level("INFO", logger="torch_hf"):
+            pre.update(op, damping_diagonal=0.2)
+        diag.update(op, damping_diagonal=0.2)
+        r = torch.randn_like(op.grad)
+        assert torch.equal(pre.solve(r), diag.solve(r)) and torch.equal(pre.diagonal(), diag.diagonal())
+    assert "GGNDiagonal" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, match", [({"decay": 1.0}, "decay"), ({"inverse_every": 0}, "inverse_every"),
+                                           ({"exponent": 0.0}, "exponent"), ({"fallback_exponent": 2.0}, "fallback")])
+def test_kfac_invalid_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        torch_hf.preconditioners.KFAC(**kwargs)

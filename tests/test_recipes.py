@@ -164,6 +164,21 @@ def test_rnn_recipe_smoke(tmp_path):
     assert "--task" in rp.build_parser().format_help()
 
 
+def test_rnn_task_defaults_apply_unless_the_cli_overrides_them(tmp_path):
+    from recipes import rnn_pathological as rp
+
+    common = ["--T", "12", "--hidden", "6", "--max-iters", "1", "--time-budget", "0", "--cg-max-iters", "2",
+              "--test-size", "20", "--out", str(tmp_path), "--no-progress"]
+    xor = rp.main(["--task", "xor", *common])["config"]
+    assert (xor["batch_size"], xor["curvature_batch_size"], xor["cg_stop"]) == (4000, 1000, "rate")
+    mine = rp.main(["--task", "xor", "--batch-size", "30", "--cg-stop", "progress", *common])["config"]
+    assert (mine["batch_size"], mine["curvature_batch_size"], mine["cg_stop"]) == (30, 1000, "progress")
+    other = rp.main(["--task", "addition", *common])["config"]
+    assert (other["batch_size"], other["curvature_batch_size"], other["cg_stop"]) == (1000, 250, "progress")
+    adam = rp.main(["--task", "xor", "--optimizer", "adam", *common])["config"]
+    assert adam["batch_size"] == 100
+
+
 def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
     import os
     import signal
@@ -302,6 +317,16 @@ def test_hf_vs_adam_benchmark_job_and_report():
     assert "best Adam (lr)" in text and "×" in text
     assert bench.parse_hf_options(["cg_max_iters=10", "preconditioner=identity", "backtracking_factor=None"]) == \
         {"cg_max_iters": 10, "preconditioner": "identity", "backtracking_factor": None}
+    import torch
+
+    import torch_hf
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    kfac = bench.build_hf(params, bench.parse_hf_options(["preconditioner=kfac", "kfac_inverse_every=5"]))
+    assert isinstance(kfac.preconditioner, torch_hf.preconditioners.KFAC)
+    assert (kfac.preconditioner.decay, kfac.preconditioner.inverse_every) == (0.95, 5)
+    ggn = bench.build_hf(params, bench.parse_hf_options(["preconditioner=ggn"]))
+    assert ggn.preconditioner.decay == 0.0
 
 
 @pytest.mark.parametrize("task", ["addition", "xor", "temporal_order", "random_permutation", "memorization"])

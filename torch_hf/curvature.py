@@ -545,6 +545,15 @@ class GGN(_CurvatureBase):
         c = self._as_output_tuple(cotangents, "cotangents")
         return _squared_vjp(self._graph_outputs()[0], self.params, c)
 
+    def layer_vjp(self, cotangents: Tensor | Sequence[Tensor],
+                  on_layer: Callable[[Tensor, Tensor, int, int | None], None]) -> tuple[Tensor | None, ...]:
+        """Jᵀ c per parameter (``None`` where unused), calling ``on_layer(x, delta, w, b)``
+        for every linear layer applied once to a (cases × features) input ``x``: ``delta``
+        is the cotangent of the layer's output and ``w`` / ``b`` index its weight and bias
+        (``b`` may be ``None``) in ``params``. The Kronecker factors of K-FAC are read there."""
+        c = self._as_output_tuple(cotangents, "cotangents")
+        return _layer_backward(self._graph_outputs()[0], self.params, c, on_layer)
+
     def _as_output_tuple(self, u, name: str) -> tuple[Tensor, ...]:
         if isinstance(u, Tensor):
             u = (u,)
@@ -613,32 +622,42 @@ def _linear_layers(outputs: tuple[Tensor, ...], params: list[Tensor], batch: int
     return found
 
 
-def _squared_vjp(outputs: tuple[Tensor, ...], params: list[Tensor], c: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _layer_backward(outputs: tuple[Tensor, ...], params: list[Tensor], c: tuple[Tensor, ...],
+                    on_layer: Callable[[Tensor, Tensor, int, int | None], None]) -> tuple[Tensor | None, ...]:
+    """Jᵀ c for every parameter, calling ``on_layer(x, delta, weight_index, bias_index)``
+    on the way for each linear layer applied once to a (cases × features) input ``x``,
+    with ``delta`` the cotangent of its output (cases × out): the per-case factors of
+    the layer's gradient, J_iᵀ c_i = delta_i ⊗ x_i (Algorithm 6's structure)."""
     batch = outputs[0].shape[0] if outputs[0].dim() > 0 else 1
-    layers = _linear_layers(outputs, params, batch)
-    per_case: dict[int, Tensor] = {}
     handles = []
 
     def make_hook(x, w, b):
         def hook(grad_outputs):
-            delta = grad_outputs[0]
-            if delta is None:
-                return None
-            d2 = delta.square()
-            per_case[w] = d2.t() @ x.square()
-            if b is not None:
-                per_case[b] = d2.sum(0)
+            if grad_outputs[0] is not None:
+                on_layer(x, grad_outputs[0], w, b)
             return None
         return hook
 
-    for node, x, w, b in layers:
+    for node, x, w, b in _linear_layers(outputs, params, batch):
         handles.append(node.register_prehook(make_hook(x, w, b)))
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(outputs, params, c, retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(outputs, params, c, retain_graph=True, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
+
+
+def _squared_vjp(outputs: tuple[Tensor, ...], params: list[Tensor], c: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    per_case: dict[int, Tensor] = {}
+
+    def on_layer(x, delta, w, b):
+        d2 = delta.square()
+        per_case[w] = d2.t() @ x.square()
+        if b is not None:
+            per_case[b] = d2.sum(0)
+
+    grads = _layer_backward(outputs, params, c, on_layer)
     parts, mask = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
         if i in per_case:
