@@ -260,10 +260,13 @@ class KFAC(Preconditioner):
     unbiased whole-batch estimate d = sq(Jᵀ S v) of diag(G), from the same backward pass.
 
     Costs per HF step: one backward pass for the factors (as :class:`GGNDiagonal`), the
-    factors' outer products, and per CG iteration two matrix products per layer of
-    about in·out·(in + out) multiply-adds — comparable to a curvature product on a
-    batch of (in + out) / 4 cases, so it pays only if it saves at least that many
-    products' worth of CG iterations (see ``docs/autoencoders.md`` for the measurement).
+    factors' outer products, the damped inverses (O(in³ + out³) per layer; with the
+    eigendecompositions of every ``inverse_every``-th update, 5 products per update on
+    CURVES at ``inverse_every=5``), and per CG iteration two matrix products per layer of
+    about in·out·(in + out) multiply-adds — as much as a curvature product on roughly
+    (in + out) / 5 cases (0.95 products on CURVES at 250 cases, 0.51 on a narrower
+    autoencoder: ``benchmarks/preconditioner_cost.py``), so it pays only where it saves
+    CG iterations in proportion (``docs/autoencoders.md`` has the measurements).
 
     Args:
         decay: β in [0, 1) of the factors' moving average (bias-corrected); 0 uses each
@@ -359,22 +362,24 @@ class KFAC(Preconditioner):
 
     def _set_damping(self, params: list[Tensor], damping_diagonal, weight_decay, d: Tensor) -> None:
         total = sum(p.numel() for p in params)
-        ref = d
-        shift = torch.zeros(total, dtype=ref.dtype, device=ref.device)
+        shift = torch.zeros(total, dtype=d.dtype, device=d.device)
         for extra in (damping_diagonal, weight_decay):
             if extra is not None:
                 shift = shift + extra
         offsets = [0]
         for p in params:
             offsets.append(offsets[-1] + p.numel())
-        covered = torch.zeros(total, dtype=torch.bool, device=ref.device)
+        covered = torch.zeros(total, dtype=torch.bool, device=d.device)
         self._inv, diag = [], d.new_zeros(total)
         for (w, b), (sa, qa, sg, qg) in zip(self._layers, self._eig):
             idx = [w] if b is None else [w, b]
             gamma = torch.cat([shift[offsets[i]:offsets[i + 1]] for i in idx]).mean().clamp_min(0)
             # π balances the damping between the factors; 1 when either factor is all zero
+            # (a tensor expression: no host sync on accelerators)
             mean_a, mean_g = sa.mean(), sg.mean()
-            pi = (mean_a / mean_g).sqrt() if mean_a > 0 and mean_g > 0 else torch.ones_like(mean_a)
+            both = (mean_a > 0) & (mean_g > 0)
+            pi = torch.where(both, (mean_a / mean_g.clamp_min(torch.finfo(sg.dtype).tiny)).sqrt(),
+                             torch.ones_like(mean_a))
             floor = torch.finfo(sa.dtype).tiny ** 0.5
             ta = (sa + pi * gamma.sqrt()).clamp_min(floor)
             tg = (sg + gamma.sqrt() / pi).clamp_min(floor)
@@ -384,8 +389,7 @@ class KFAC(Preconditioner):
             self._inv.append((g_inv, a_inv))
             # diag(P) of the block, for the trust region's norm: diag(Pg) ⊗ diag(Pa)
             block = ((qg.square() @ tg.pow(xi))[:, None] * (qa.square() @ ta.pow(xi))[None, :])
-            out, cols = block.shape
-            diag[offsets[w]:offsets[w + 1]] = block[:, : params[w].shape[-1] if b is not None else cols].reshape(-1)
+            diag[offsets[w]:offsets[w + 1]] = block[:, : params[w].shape[-1]].reshape(-1)
             covered[offsets[w]:offsets[w + 1]] = True
             if b is not None:
                 diag[offsets[b]:offsets[b + 1]] = block[:, -1]
