@@ -146,6 +146,11 @@ def _require_ggn(curvature, who: str) -> GGN:
     return curvature
 
 
+def _rademacher_like(like: Tensor, gen: torch.Generator | None) -> Tensor:
+    bits = torch.randint(0, 2, like.shape, generator=gen, device="cpu" if gen is not None else like.device)
+    return bits.to(device=like.device, dtype=like.dtype) * 2 - 1
+
+
 class EmpiricalFisherDiagonal(DiagonalPreconditioner):
     """diag of the empirical Fisher, d = (1/N) Σ_i sq(∇ℓ_i) (§11.3), with f = (1/N) Σ_i ℓ_i.
 
@@ -200,9 +205,7 @@ class GGNDiagonal(DiagonalPreconditioner):
         self.samples, self.generator = samples, generator
 
     def _rademacher(self, like: Tensor) -> Tensor:
-        gen = self.generator
-        bits = torch.randint(0, 2, like.shape, generator=gen, device="cpu" if gen is not None else like.device)
-        return (bits.to(device=like.device, dtype=like.dtype) * 2 - 1)
+        return _rademacher_like(like, self.generator)
 
     def estimate(self, curvature) -> Tensor:
         total = None
@@ -229,11 +232,6 @@ class GGNDiagonal(DiagonalPreconditioner):
         super().load_state_dict(state)
         if self.generator is not None and "generator" in state:
             self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-
-
-def _rademacher_like(like: Tensor, gen: torch.Generator | None) -> Tensor:
-    bits = torch.randint(0, 2, like.shape, generator=gen, device="cpu" if gen is not None else like.device)
-    return bits.to(device=like.device, dtype=like.dtype) * 2 - 1
 
 
 class KFAC(Preconditioner):
@@ -358,9 +356,9 @@ class KFAC(Preconditioner):
                 sa, qa = torch.linalg.eigh(a / correction)
                 sg, qg = torch.linalg.eigh(g / correction)
                 self._eig.append((sa.clamp_min(0), qa, sg.clamp_min(0), qg))
-        self._set_damping(ggn.params, damping_diagonal, weight_decay, self._average_sq / correction)
+        self._form_inverses(ggn.params, damping_diagonal, weight_decay, self._average_sq / correction)
 
-    def _set_damping(self, params: list[Tensor], damping_diagonal, weight_decay, d: Tensor) -> None:
+    def _form_inverses(self, params: list[Tensor], damping_diagonal, weight_decay, d: Tensor) -> None:
         total = sum(p.numel() for p in params)
         shift = torch.zeros(total, dtype=d.dtype, device=d.device)
         for extra in (damping_diagonal, weight_decay):
