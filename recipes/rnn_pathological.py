@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "test; xor: rate, see HF_TASK_DEFAULTS)")
     ap.add_argument("--damping", type=float, default=0.1, help="HF: initial lambda")
     ap.add_argument("--mu", type=float, default=1 / 30, help="HF: structural damping ratio (0 disables it)")
+    ap.add_argument("--damping-min", type=float, default=None,
+                    help="HF: floor on lambda for the Levenberg-Marquardt rule (default 1e-12, i.e. none)")
+    ap.add_argument("--curvature", choices=["ggn", "hessian"], default=None,
+                    help="HF: curvature matrix, the Gauss-Newton matrix (default) or the exact Hessian (§5)")
     ap.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
                     help="HF: none (Martens & Sutskever 2011; §11: RNNs gain little from diagonal "
                          "preconditioning, and the weights shared over time make the diagonal estimate noisy) "
@@ -321,13 +325,14 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
         cfg["lr"] = 1e-3 if cfg["optimizer"] == "adam" else 1e-2
     checkpoint = "sqrt" if cfg.get("checkpoint") else None
     if cfg["optimizer"] == "hf":
-        damping = (torch_hf.damping.Structural(cfg["damping"], mu=cfg["mu"], batch_dim=1) if cfg["mu"] > 0
-                   else torch_hf.damping.Tikhonov(cfg["damping"]))
+        adapt = torch_hf.damping.LevenbergMarquardt(min_value=cfg.get("damping_min") or 1e-12)
+        damping = (torch_hf.damping.Structural(cfg["damping"], mu=cfg["mu"], batch_dim=1, adapt=adapt)
+                   if cfg["mu"] > 0 else torch_hf.damping.Tikhonov(cfg["damping"], adapt=adapt))
         pre = (torch_hf.preconditioners.GGNDiagonal(0.75) if cfg.get("preconditioner") == "ggn"
                else torch_hf.preconditioners.Identity())
         opt = torch_hf.HessianFree(params, damping=damping, preconditioner=pre, cg_max_iters=cfg["cg_max_iters"],
                                    cg_tol=cfg["cg_tol"], cg_stop=cfg["cg_stop"],
-                                   recompute=bool(checkpoint))
+                                   curvature=cfg.get("curvature") or "ggn", recompute=bool(checkpoint))
     elif cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=cfg["lr"])
     else:

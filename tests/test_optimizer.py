@@ -252,7 +252,8 @@ def test_step_returns_loss_before_update_and_fills_diagnostics():
     assert opt.history[-1] is d and isinstance(d.as_dict(), dict)
 
 
-def test_separate_curvature_batch_is_used():
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_separate_curvature_batch_is_used(curvature):
     model, closure_for = _small_autoencoder()
     x_small = torch.rand(4, 6, dtype=torch.float64)
     count = {"n": 0}
@@ -262,7 +263,7 @@ def test_separate_curvature_batch_is_used():
         z = model(x_small)
         return F.binary_cross_entropy_with_logits(z, x_small), z
 
-    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    opt = HessianFree(model.parameters(), cg_max_iters=5, curvature=curvature)
     opt.step(closure_for(model), curvature_closure)
     assert count["n"] == 1 and opt.last_step.accepted
 

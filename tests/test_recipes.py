@@ -179,6 +179,20 @@ def test_rnn_task_defaults_apply_unless_the_cli_overrides_them(tmp_path):
     assert adam["batch_size"] == 100
 
 
+def test_rnn_damping_floor_and_exact_hessian_options(tmp_path):
+    from recipes import rnn_pathological as rp
+
+    common = ["--task", "addition", "--T", "12", "--hidden", "6", "--max-iters", "6", "--time-budget", "0",
+              "--batch-size", "40", "--curvature-batch-size", "20", "--test-size", "20",
+              "--out", str(tmp_path), "--no-progress"]
+    free = rp.main([*common, "--damping", "10", "--damping-min", "0"])
+    floored = rp.main([*common, "--damping", "10", "--damping-min", "5", "--tag", "floor"])
+    assert min(r["damping"] for r in free["history"] if "damping" in r) < 5  # λ does fall without the floor
+    assert min(r["damping"] for r in floored["history"] if "damping" in r) == pytest.approx(5)
+    hess = rp.main([*common, "--curvature", "hessian", "--mu", "0", "--tag", "hessian"])
+    assert hess["config"]["curvature"] == "hessian" and hess["final"]["iterations"] == 6
+
+
 def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
     import os
     import signal
