@@ -1,7 +1,9 @@
 """Plot recipe results: training (solid) and test (dashed) error against wall time and
-against epochs, one curve per result file.
+against epochs, one curve per result file; or, with ``--by-task``, the RNN recipe's runs
+as one panel per task (test error against time, every seed and optimizer).
 
     python recipes/plot.py results/*.json --out results/comparison.png
+    python recipes/plot.py docs/results/rnn/*.json --by-task --out results/rnn.png
 """
 from __future__ import annotations
 
@@ -71,6 +73,57 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_by_task(results: Sequence[dict], out: str | Path, order: Sequence[str] = ()) -> str:
+    """One panel per (task, T) of the RNN recipe's results: test error against training
+    time, HF solid, Adam dashed, SGD dotted, one line per run; the grey line is the 1%
+    "solved" threshold. Panels follow ``order`` (task names), then first appearance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("no results to plot")
+    seen_keys: list[tuple[str, int]] = []
+    for r in results:
+        key = (r["config"]["task"], r["config"]["T"])
+        if key not in seen_keys:
+            seen_keys.append(key)
+    rank = {task: i for i, task in enumerate(order)}
+    keys = sorted(seen_keys, key=lambda k: (rank.get(k[0], len(rank)), seen_keys.index(k), k[1]))
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    styles = {"hf": ("C0", "-"), "adam": ("C1", "--"), "sgd": ("C2", ":")}
+    clocks = {r["config"].get("clock") or "wall" for r in results}
+    clock = clocks.pop() if len(clocks) == 1 else "wall or CPU"
+    for ax, (task, T) in zip(axes.flat, keys):
+        labelled = set()
+        for r in results:
+            c = r["config"]
+            if (c["task"], c["T"]) != (task, T):
+                continue
+            color, ls = styles.get(c["optimizer"], ("C3", "-."))
+            h = r["history"]
+            ax.plot([x["time_s"] for x in h], [x["test_error"] for x in h], color=color, ls=ls, lw=1.2,
+                    label=None if c["optimizer"] in labelled else c["optimizer"])
+            labelled.add(c["optimizer"])
+        ax.axhline(0.01, color="gray", lw=0.6)
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_title(f"{task}, T={T}", fontsize=9)
+        ax.set_xlabel(f"training {clock} time (s)", fontsize=8)
+        ax.set_ylabel("test error", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return str(out)
 
 
 def add_clock_option(ap: argparse.ArgumentParser) -> None:
@@ -155,7 +208,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results/comparison.png")
     ap.add_argument("--title", default=None)
     ap.add_argument("--metric", default="train_error")
+    ap.add_argument("--by-task", action="store_true",
+                    help="RNN recipe results: one panel per task and T, test error against time, HF and Adam "
+                         "runs of every seed together (what rnn_pathological.py --summary draws)")
     args = ap.parse_args(argv)
+    if args.by_task:
+        results = [json.loads(Path(p).read_text()) for p in args.results]
+        print(plot_by_task(results, args.out))
+        return
     print(plot_results(args.results, args.out, args.title, args.metric,
                        dashed=None if args.metric == "test_error" else "test_error"))
 

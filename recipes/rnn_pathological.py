@@ -55,7 +55,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, output_paths, save_results, write_json  # noqa: E402
+from recipes.plot import add_clock_option, budget_clock, check_args, output_paths, plot_by_task, save_results, write_json  # noqa: E402
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -481,43 +481,8 @@ def summarize(results: list[dict]) -> str:
 
 
 def plot_summary(results: list[dict], out: str | Path) -> str:
-    """One panel per task and T: test error against training time, HF solid, others dashed,
-    one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({(TASKS.index(r["config"]["task"]), r["config"]["task"], r["config"]["T"]) for r in results})
-    cols = min(4, len(keys))
-    rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-    styles = {"hf": ("C0", "-"), "adam": ("C1", "--"), "sgd": ("C2", ":")}
-    for ax, (_, task, T) in zip(axes.flat, keys):
-        seen = set()
-        for r in results:
-            c = r["config"]
-            if (c["task"], c["T"]) != (task, T):
-                continue
-            color, ls = styles[c["optimizer"]]
-            h = r["history"]
-            ax.plot([x["time_s"] for x in h], [x["test_error"] for x in h], color=color, ls=ls, lw=1.2,
-                    label=None if c["optimizer"] in seen else c["optimizer"])
-            seen.add(c["optimizer"])
-        ax.axhline(0.01, color="gray", lw=0.6)
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.set_title(f"{task}, T={T}", fontsize=9)
-        ax.set_xlabel(f"training {results[0]['config'].get('clock') or 'wall'} time (s)", fontsize=8)
-        ax.set_ylabel("test error", fontsize=8)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return str(out)
+    """``recipes.plot.plot_by_task`` with the panels in this module's task order."""
+    return plot_by_task(results, out, order=TASKS)
 
 
 def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:

@@ -67,6 +67,26 @@ def test_plot_several_results(tmp_path):
     assert (tmp_path / "both.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plot_by_task_draws_one_panel_per_task_and_length(tmp_path, capsys):
+    from recipes import plot
+
+    def fake(task, T, optimizer, seed, errors):
+        return {"config": {"task": task, "T": T, "optimizer": optimizer, "seed": seed, "clock": "cpu"},
+                "history": [{"time_s": 60.0 * i, "test_error": e} for i, e in enumerate(errors)]}
+
+    runs = [fake("xor", 100, "hf", 0, [1.0, 0.5, 0.0]), fake("xor", 100, "adam", 0, [1.0, 1.0]),
+            fake("addition", 200, "hf", 0, [0.9, 0.2]), fake("addition", 100, "hf", 1, [0.9, 0.005])]
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    plot.main([*map(str, paths), "--by-task", "--out", str(tmp_path / "tasks.png")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "tasks.png")
+    assert (tmp_path / "tasks.png").read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="no results"):
+        plot.plot_by_task([], tmp_path / "none.png")
+
+
 def test_autoencoder_recipe_under_torchrun(tmp_path):
     """--distributed with 2 gloo processes: runs, rank 0 writes results close to one process's."""
     import socket
