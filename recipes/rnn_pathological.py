@@ -294,15 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run saved in <stem>.pt beside the JSON (written at every evaluation) up "
+                         "to this call's --time-budget / --max-iters; the settings that shape training must match")
     return ap
 
 
-def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
+# Settings a resumed run may change: how long, how often it reports, where, on how many threads.
+RESUMABLE_CHANGES = frozenset({"time_budget", "max_iters", "eval_every", "out", "threads", "no_progress", "resume",
+                               "device"})
+
+
+def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Path | None = None) -> dict:
     """Train as ``cfg`` says (the parsed CLI as a dict) and return the results dict.
 
     ``on_evaluate(partial_results)`` is called after every evaluation (the CLI writes
     the JSON there, so a run that is killed keeps what it measured). Ctrl-C or SIGTERM
-    stops training at the next update with status ``"interrupted"``.
+    stops training at the next update with status ``"interrupted"``. With ``state_path``
+    the model, optimizer, data stream and clock are saved there at every evaluation, and
+    ``cfg["resume"]`` continues from that file: the resumed run takes the same updates,
+    bit for bit, as one that was never stopped (its budget counts the time already spent).
     """
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -369,8 +380,37 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
 
         bar = tqdm(total=budget if budget > 0 else max_iters, desc=f"{task} T={T} {cfg['optimizer']}",
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}{postfix}]")
-    evaluate(0, 0.0, 0, {})
     train_time, cases, it, last_eval, solved_at, status = 0.0, 0, 0, 0.0, None, "budget"
+    if cfg.get("resume"):
+        if state_path is None or not Path(state_path).exists():
+            raise SystemExit(f"--resume: no saved state at {state_path}")
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        changed = sorted(k for k in set(saved["config"]) | set(cfg) if k not in RESUMABLE_CHANGES
+                         and saved["config"].get(k) != cfg.get(k))
+        if changed:
+            raise SystemExit("--resume: the saved run used other settings for "
+                             + ", ".join(f"{k} ({saved['config'].get(k)!r}, now {cfg.get(k)!r})" for k in changed))
+        if saved["status"] == "solved":
+            raise SystemExit(f"--resume: the saved run already solved the task at {saved['train_time']:.0f} s")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        train_time, cases, it, last_eval = saved["train_time"], saved["cases"], saved["it"], saved["last_eval"]
+        history.extend(saved["history"])
+        if bar is not None:
+            bar.update(min(train_time, budget) if budget > 0 else it)
+    else:
+        evaluate(0, 0.0, 0, {})
+
+    def save_state(run_status: str) -> None:
+        if state_path is None:
+            return
+        tmp = Path(str(state_path) + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": dict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(), "train_time": train_time, "cases": cases, "it": it,
+                    "last_eval": last_eval, "history": history, "status": run_status}, tmp)
+        tmp.replace(state_path)  # a run killed while saving keeps the previous state
     stop_requested = False
 
     def request_stop(signum, frame):
@@ -417,6 +457,7 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
             extra["train_loss"] = float(loss.detach())
             row = evaluate(it, train_time, cases, extra)
             last_eval = train_time
+            save_state("solved" if row["test_error"] < 0.01 else "running")
             if bar is not None:
                 bar.set_postfix(test_err=f"{row['test_error']:.3f}")
             if on_evaluate is not None:
@@ -434,6 +475,7 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None) -> dict:
         bar.close()
     if history[-1]["iter"] != it:
         evaluate(it, train_time, cases, {})
+        save_state(status)
     final = dict(history[-1])
     final.update(iterations=it, status=status, solved=status == "solved", solved_at_s=solved_at,
                  torch_threads=torch.get_num_threads())
@@ -569,7 +611,8 @@ def main(argv=None) -> dict | list[dict]:
         cfg.pop(key)
     stem = run_stem(cfg["task"], cfg["T"], cfg["optimizer"], cfg["seed"], cfg["tag"])
     json_path, png_path = output_paths(cfg["out"], stem)
-    result = run(cfg, progress=not args.no_progress, on_evaluate=lambda partial: write_json(partial, json_path))
+    result = run(cfg, progress=not args.no_progress, on_evaluate=lambda partial: write_json(partial, json_path),
+                 state_path=json_path.with_suffix(".pt"))
     save_results(result, json_path, png_path, title=f"{cfg['task']} T={cfg['T']}, "
                  f"{cfg['optimizer']}", metric="test_error", dashed=None)
     f = result["final"]

@@ -213,6 +213,29 @@ def test_rnn_damping_floor_and_exact_hessian_options(tmp_path):
     assert hess["config"]["curvature"] == "hessian" and hess["final"]["iterations"] == 6
 
 
+@pytest.mark.parametrize("optimizer", ["hf", "adam"])
+def test_rnn_resume_continues_bit_identically(tmp_path, optimizer):
+    from recipes import rnn_pathological as rp
+
+    common = ["--task", "xor", "--T", "12", "--hidden", "6", "--time-budget", "0", "--optimizer", optimizer,
+              "--batch-size", "40", "--curvature-batch-size", "20", "--cg-max-iters", "8", "--test-size", "20",
+              "--no-progress"]
+    whole = rp.main([*common, "--max-iters", "4", "--out", str(tmp_path / "whole")])
+    rp.main([*common, "--max-iters", "2", "--out", str(tmp_path / "parts")])
+    with pytest.raises(SystemExit, match="other settings for cg_max_iters"):
+        rp.main([*common, "--cg-max-iters", "9", "--max-iters", "4", "--out", str(tmp_path / "parts"), "--resume"])
+    resumed = rp.main([*common, "--max-iters", "4", "--out", str(tmp_path / "parts"), "--resume"])
+
+    def trace(result):
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in result["history"]]
+
+    assert len(resumed["history"]) == 5 and trace(resumed) == trace(whole)  # iterations 0..4, every value equal
+    saved = json.loads((tmp_path / "parts" / f"rnn_xor_T12_{optimizer}_seed0.json").read_text())
+    assert saved["final"]["iterations"] == 4
+    with pytest.raises(SystemExit, match="no saved state"):
+        rp.main([*common, "--max-iters", "4", "--out", str(tmp_path / "elsewhere"), "--resume"])
+
+
 def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
     import os
     import signal

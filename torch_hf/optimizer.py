@@ -347,6 +347,8 @@ class HessianFree(torch.optim.Optimizer):
             st["preconditioner"] = self.preconditioner.state_dict()
             # A list, not a tensor: Optimizer.load_state_dict casts tensors to the parameters' dtype.
             st["generator"] = self.generator.get_state().tolist()
+            # cg_stop="rate" counts the next step's trial objectives from the last step's
+            st["last_trial_evaluations"] = self._last_trial_evaluations
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -358,6 +360,8 @@ class HessianFree(torch.optim.Optimizer):
             self.preconditioner.load_state_dict(st["preconditioner"])
         if "generator" in st:
             self.generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
+        if "last_trial_evaluations" in st:
+            self._last_trial_evaluations = int(st["last_trial_evaluations"])
 
     # -- the step ----------------------------------------------------------------------
     def _objective(self, closure: Callable, params: list[Tensor], weight_decay,
