@@ -533,8 +533,11 @@ def plot_summary(results: list[dict], out: str | Path) -> str:
 
 def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     """``--task all``: every (task, optimizer, seed) as its own process on one thread,
-    ``--jobs`` at a time; runs whose JSON already says solved/budget are kept (a killed
-    driver resumes). Writes ``summary.md`` and ``summary.png`` into ``--out``."""
+    ``--jobs`` at a time. A run whose JSON says it finished (solved, diverged, or its budget
+    spent, at least this call's ``--time-budget`` / ``--max-iters``) is kept; one that was
+    stopped or had a smaller budget continues from its saved state (``--resume``) where there is one, and
+    starts over where there is not, so a killed driver picks up where it stopped. Writes
+    ``summary.md`` and ``summary.png`` into ``--out``."""
     import json
     import os
     import subprocess
@@ -553,15 +556,26 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         skip = a.split("=")[0] in own
         if not skip:
             shared.append(a)
+    shared = [a for a in shared if a != "--resume"]
     queue = []
     for task in args.tasks:
         for opt in args.optimizers:
             for seed in args.seeds:
                 path = out / f"{run_stem(task, args.T, opt, seed, args.tag)}.json"
-                if path.exists() and json.loads(path.read_text())["final"].get("status") not in ("running", None):
-                    continue
+                resume = []
+                if path.exists():
+                    saved = json.loads(path.read_text())
+                    status = saved["final"].get("status")
+                    was = saved["config"]
+                    short = ((status == "budget" and (was.get("time_budget") or 0) < (args.time_budget or 0))
+                             or (status == "max_iters" and (was.get("max_iters") or 0) < (args.max_iters or 0)))
+                    if status in ("solved", "diverged", "budget", "max_iters") and not short:
+                        continue
+                    if path.with_suffix(".pt").exists():
+                        resume = ["--resume"]
                 queue.append([sys.executable, str(Path(__file__).resolve()), "--task", task, "--optimizer", opt,
-                              "--seed", str(seed), "--threads", "1", "--out", str(out), "--no-progress", *shared])
+                              "--seed", str(seed), "--threads", "1", "--out", str(out), "--no-progress", *shared,
+                              *resume])
     running: list = []
     from tqdm.auto import tqdm
 

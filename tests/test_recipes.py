@@ -344,6 +344,11 @@ def test_rnn_task_all_runs_every_combination_and_summarises(tmp_path):
     before = {p.name: p.stat().st_mtime for p in tmp_path.glob("rnn_*.json")}
     rp.main(["--task", "all", "--tasks", "memorization", "--seeds", "0", "1", *common])
     assert before == {p.name: p.stat().st_mtime for p in tmp_path.glob("rnn_*.json")}
+    # A larger budget continues every run from its saved state: the first updates are kept.
+    longer = rp.main(["--task", "all", "--tasks", "memorization", "--seeds", "0", "1", *common, "--max-iters", "3"])
+    first = {(r["config"]["optimizer"], r["config"]["seed"]): r["history"][:3] for r in results}
+    assert all(r["final"]["iterations"] == 3 and r["config"]["resume"] for r in longer)
+    assert all(r["history"][:3] == first[(r["config"]["optimizer"], r["config"]["seed"])] for r in longer)
 
 
 def test_rnn_summary_counts_solved_seeds_and_median_time():
