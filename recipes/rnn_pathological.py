@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--damping-min", type=float, default=None,
                     help="HF: floor on lambda for the Levenberg-Marquardt rule (default none; xor 1e-3, "
                          "see HF_TASK_DEFAULTS)")
+    ap.add_argument("--trust-radius", type=float, default=None,
+                    help="HF: Steihaug-Toint truncation of CG at this step norm (§8.6); with --curvature hessian "
+                         "a direction of negative curvature is followed to the boundary")
     ap.add_argument("--curvature", choices=["ggn", "hessian"], default=None,
                     help="HF: curvature matrix, the Gauss-Newton matrix (default) or the exact Hessian (§5)")
     ap.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
@@ -347,7 +350,8 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Pa
                else torch_hf.preconditioners.Identity())
         opt = torch_hf.HessianFree(params, damping=damping, preconditioner=pre, cg_max_iters=cfg["cg_max_iters"],
                                    cg_tol=cfg["cg_tol"], cg_stop=cfg["cg_stop"],
-                                   curvature=cfg.get("curvature") or "ggn", recompute=bool(checkpoint))
+                                   curvature=cfg.get("curvature") or "ggn", trust_radius=cfg.get("trust_radius"),
+                                   recompute=bool(checkpoint))
     elif cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=cfg["lr"])
     else:
@@ -604,7 +608,8 @@ def main(argv=None) -> dict | list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     check_args(ap, args, positive=("T", "hidden", "input_scale", "max_iters", "batch_size", "curvature_batch_size",
-                                   "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs"),
+                                   "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs",
+                                   "trust_radius"),
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
     if args.reach:
         rows = {}
