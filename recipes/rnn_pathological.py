@@ -194,6 +194,69 @@ def input_reach(task: str, input_scale: float, seed: int, T: int = 100, back: in
     return float(g[T - back].norm(dim=-1).mean())
 
 
+def _lanczos_extremes(mv, n: int, steps: int, gen: torch.Generator) -> tuple[float, float]:
+    """Smallest and largest Ritz values of a symmetric operator after ``steps`` Lanczos
+    steps with full reorthogonalisation (float64)."""
+    q = torch.randn(n, generator=gen, dtype=torch.float64)
+    basis, alphas, betas = [q / q.norm()], [], []
+    prev, beta = torch.zeros_like(q), 0.0
+    for _ in range(min(steps, n)):
+        w = mv(basis[-1]) - beta * prev
+        alpha = float(w @ basis[-1])
+        for v in basis:
+            w = w - (w @ v) * v
+        alphas.append(alpha)
+        beta = float(w.norm())
+        if beta < 1e-10:
+            break
+        betas.append(beta)
+        prev = basis[-1]
+        basis.append(w / beta)
+    m = len(alphas)
+    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(tri)
+    return float(ritz[0]), float(ritz[-1])
+
+
+def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int = 40, seed: int = 777) -> dict:
+    """Where a saved HF run stands (``--resume``'s ``<stem>.pt``), in float64: the norm of
+    the expected gradient and of one batch's deviation from it (``batches`` fresh batches of
+    the run's gradient batch size; ‖Ē‖² is debiased by the noise/``batches``), and the
+    extreme eigenvalues of the exact Hessian of the loss on one such batch (Lanczos). A
+    negative eigenvalue as large as the largest is a saddle whose way down the GGN does
+    not see (docs/rnns.md, XOR)."""
+    saved = torch.load(state_path, map_location="cpu", weights_only=False)
+    cfg = saved["config"]
+    s = spec(cfg["task"])
+    model = sparse_init_rnn(s.inputs, cfg["hidden"], s.outputs, torch.Generator().manual_seed(0)).double()
+    model.load_state_dict(saved["model"])
+    params = list(model.parameters())
+    kind, T, size = s.kind, cfg["T"], cfg["batch_size"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss(b: Batch) -> torch.Tensor:
+        _, out = forward(model, b.x.double(), readout=readout_steps(kind))
+        return task_loss(kind, out, b.y.double() if kind in ("regression", "binary") else b.y)[0]
+
+    def flat(ts) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    grads = torch.stack([flat(torch.autograd.grad(batch_loss(generate(cfg["task"], T, size, gen)), params))
+                         for _ in range(batches)])
+    mean = grads.mean(0)
+    noise = float(((grads - mean) ** 2).sum(1).mean().sqrt())
+    signal = max(float(mean @ mean) - noise**2 / batches, 0.0) ** 0.5
+    g = flat(torch.autograd.grad(batch_loss(generate(cfg["task"], T, size, gen)), params, create_graph=True))
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return flat(torch.autograd.grad(g @ v, params, retain_graph=True)).detach()
+
+    low, high = _lanczos_extremes(hvp, g.numel(), lanczos_steps, gen)
+    return {"iterations": saved["it"], "test_loss": saved["history"][-1]["test_loss"], "gradient": signal,
+            "noise": noise, "batch_size": size, "hessian_min": low, "hessian_max": high}
+
+
 def forward(model: torch.nn.ModuleDict, x: torch.Tensor, checkpoint=None, readout: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """All hidden states (T × B × H) and the readout of the last ``readout`` steps (all
@@ -251,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reach", action="store_true",
                     help="print, per task, the last state's sensitivity to the input 95 steps back at "
                          "initialization, for input scales 1 and 0.1 and --seeds, and exit")
+    ap.add_argument("--saddle", default=None, metavar="STATE_PT",
+                    help="print where a saved HF run stands (its <stem>.pt): expected gradient against one batch's "
+                         "noise, and the exact Hessian's extreme eigenvalues (saddle_report), and exit")
     ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
                     help="print the summary table of saved runs (and write --out/summary.png) instead of training")
     ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
@@ -608,6 +674,10 @@ def main(argv=None) -> dict | list[dict]:
                                    "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs",
                                    "trust_radius"),
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
+    if args.saddle:
+        report = saddle_report(args.saddle)
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+        return report
     if args.reach:
         rows = {}
         for task in args.tasks:

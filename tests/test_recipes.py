@@ -237,6 +237,48 @@ def test_rnn_resume_continues_bit_identically(tmp_path, optimizer):
         rp.main([*common, "--max-iters", "4", "--out", str(tmp_path / "elsewhere"), "--resume"])
 
 
+def test_rnn_saddle_report_matches_the_dense_hessian(tmp_path):
+    import torch
+
+    from recipes import rnn_pathological as rp
+
+    rp.main(["--task", "xor", "--T", "12", "--hidden", "3", "--max-iters", "2", "--time-budget", "0",
+             "--batch-size", "30", "--curvature-batch-size", "10", "--test-size", "20", "--out", str(tmp_path),
+             "--no-progress"])
+    state = tmp_path / "rnn_xor_T12_hf_seed0.pt"
+    report = rp.main(["--saddle", str(state)])
+    n = 3 * 2 + 3 + 3 * 3 + 3 + 1  # input weights and bias, recurrent weights, readout weights and bias
+    # With as many Lanczos steps as parameters the Ritz values are the eigenvalues: check them
+    # against the dense Hessian of the same batch (the report's generator draws it after the
+    # 16 gradient batches).
+    saved = torch.load(state, weights_only=False)
+    model = rp.sparse_init_rnn(2, 3, 1, torch.Generator().manual_seed(0)).double()
+    model.load_state_dict(saved["model"])
+    gen = torch.Generator().manual_seed(777)
+    for _ in range(16):
+        rp.generate("xor", 12, 30, gen)
+    b = rp.generate("xor", 12, 30, gen)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+
+    def loss_of(flat):  # the tanh RNN written out again, independently of rp.forward
+        w, i = {}, 0
+        for name, shape in shapes.items():
+            w[name] = flat[i:i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        h = torch.zeros(b.x.shape[1], 3, dtype=torch.float64)
+        for x_t in b.x.double():
+            h = torch.tanh(x_t @ w["inp.weight"].T + w["inp.bias"] + h @ w["rec.weight"].T)
+        z = h @ w["out.weight"].T + w["out.bias"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, b.y.double())
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    eig = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, theta))
+    exact = rp.saddle_report(state, lanczos_steps=n)
+    assert exact["hessian_min"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-9)
+    assert exact["hessian_max"] == pytest.approx(float(eig[-1]), rel=1e-6)
+    assert report["hessian_min"] <= report["hessian_max"] and report["noise"] > 0 and report["gradient"] >= 0
+
+
 def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
     import os
     import signal
