@@ -7,6 +7,8 @@ structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
     python recipes/rnn_pathological.py --task temporal_order --T 100 --input-scale 0.1 --optimizer adam
     python recipes/rnn_pathological.py --task all --T 100 --time-budget 3600 --clock cpu --out results/rnn
     python recipes/rnn_pathological.py --summary results/rnn/*.json      # the table of saved runs
+    python recipes/rnn_pathological.py --task xor --time-budget 3600 --resume   # continue a stopped run
+    python recipes/rnn_pathological.py --saddle results/rnn_xor_T100_hf_seed2.pt  # gradient noise, Hessian extremes
     python recipes/rnn_pathological.py --help
 
 Tasks (sequences of length T, time first; data generated on the fly, a fresh minibatch
@@ -36,7 +38,8 @@ HF: GGN with structural damping (μ = 1/30 of λ by default), no preconditioner 
 up to 300 iterations.
 
 Writes JSON (``{"config", "history", "final"}``, the test error being the task's success
-metric) and a PNG of the test error against training time and against training sequences.
+metric), a PNG of the test error against training time and against training sequences,
+and ``<stem>.pt``, the state ``--resume`` continues from (rewritten at every evaluation).
 """
 from __future__ import annotations
 
