@@ -112,6 +112,7 @@ def plot_by_task(results: Sequence[dict], out: str | Path, order: Sequence[str] 
             labelled.add(c["optimizer"])
         ax.axhline(0.01, color="gray", lw=0.6)
         ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_ylim(0, 1.05)  # errors are fractions: no negative half of the symlog axis
         ax.set_title(f"{task}, T={T}", fontsize=9)
         ax.set_xlabel(f"training {clock} time (s)", fontsize=8)
         ax.set_ylabel("test error", fontsize=8)
