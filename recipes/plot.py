@@ -86,13 +86,10 @@ def plot_by_task(results: Sequence[dict], out: str | Path, order: Sequence[str] 
 
     if not results:
         raise ValueError("no results to plot")
-    seen_keys: list[tuple[str, int]] = []
-    for r in results:
-        key = (r["config"]["task"], r["config"]["T"])
-        if key not in seen_keys:
-            seen_keys.append(key)
     rank = {task: i for i, task in enumerate(order)}
-    keys = sorted(seen_keys, key=lambda k: (rank.get(k[0], len(rank)), seen_keys.index(k), k[1]))
+    for r in results:  # tasks not in ``order`` rank after it, by first appearance
+        rank.setdefault(r["config"]["task"], len(rank))
+    keys = sorted({(r["config"]["task"], r["config"]["T"]) for r in results}, key=lambda k: (rank[k[0]], k[1]))
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)

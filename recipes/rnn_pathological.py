@@ -242,20 +242,14 @@ def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int 
         _, out = forward(model, b.x.double(), readout=readout_steps(kind))
         return task_loss(kind, out, b.y.double() if kind in ("regression", "binary") else b.y)[0]
 
-    def flat(ts) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    grads = torch.stack([flat(torch.autograd.grad(batch_loss(generate(cfg["task"], T, size, gen)), params))
-                         for _ in range(batches)])
+    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        batch_loss(generate(cfg["task"], T, size, gen)), params)]) for _ in range(batches)])
     mean = grads.mean(0)
     noise = float(((grads - mean) ** 2).sum(1).mean().sqrt())
     signal = max(float(mean @ mean) - noise**2 / batches, 0.0) ** 0.5
-    g = flat(torch.autograd.grad(batch_loss(generate(cfg["task"], T, size, gen)), params, create_graph=True))
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return flat(torch.autograd.grad(g @ v, params, retain_graph=True)).detach()
-
-    low, high = _lanczos_extremes(hvp, g.numel(), lanczos_steps, gen)
+    b = generate(cfg["task"], T, size, gen)
+    hessian = torch_hf.curvature.Hessian(params, lambda: batch_loss(b))
+    low, high = _lanczos_extremes(hessian.mv, hessian.numel, lanczos_steps, gen)
     return {"iterations": saved["it"], "test_loss": saved["history"][-1]["test_loss"], "gradient": signal,
             "noise": noise, "batch_size": size, "hessian_min": low, "hessian_max": high}
 
@@ -531,13 +525,14 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Pa
             extra["train_loss"] = float(loss.detach())
             row = evaluate(it, train_time, cases, extra)
             last_eval = train_time
-            save_state("solved" if row["test_error"] < 0.01 else "running")
+            solved = row["test_error"] < 0.01
+            save_state("solved" if solved else "running")
             if bar is not None:
                 bar.set_postfix(test_err=f"{row['test_error']:.3f}")
             if on_evaluate is not None:
                 on_evaluate({"config": dict(cfg), "history": history,
                              "final": dict(row, iterations=it, status="running")})
-            if row["test_error"] < 0.01:
+            if solved:
                 solved_at, status = row["time_s"], "solved"
                 break
         if not all(math.isfinite(float(p.detach().abs().max())) for p in params):
@@ -618,7 +613,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         raise SystemExit("--task all writes one JSON per run: give --out a directory")
     out.mkdir(parents=True, exist_ok=True)
     # The options every run shares: argv without the driver's own.
-    own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads"}
+    own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads",
+           "--resume"}
     shared, skip = [], False
     for a in argv:
         if skip and not a.startswith("--"):
@@ -626,7 +622,6 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
         skip = a.split("=")[0] in own
         if not skip:
             shared.append(a)
-    shared = [a for a in shared if a != "--resume"]
     queue = []
     for task in args.tasks:
         for opt in args.optimizers:

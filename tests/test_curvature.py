@@ -105,6 +105,10 @@ def test_hessian_accepts_closure_returning_only_the_loss():
     case = make_case("mlp_tanh_mse")
     hess = torch_hf.Hessian(case.params, lambda: case.closure()[0])
     assert rel(hess.dense(), case.dense_hessian()) <= 1e-8
+    assert hess.outputs == ()
+    with_outputs = torch_hf.Hessian(case.params, case.closure)  # outputs kept for batch sizes, detached
+    assert [o.shape for o in with_outputs.outputs] == [o.shape for o in case.closure()[1:2]]
+    assert not any(o.requires_grad for o in with_outputs.outputs)
 
 
 def test_declared_loss_hvp_is_used():

@@ -212,10 +212,14 @@ def test_rnn_damping_floor_and_exact_hessian_options(tmp_path):
     assert min(r["damping"] for r in floored["history"] if "damping" in r) == pytest.approx(5)
     hess = rp.main([*common, "--curvature", "hessian", "--mu", "0", "--tag", "hessian"])
     assert hess["config"]["curvature"] == "hessian" and hess["final"]["iterations"] == 6
+    region = rp.main([*common, "--curvature", "hessian", "--mu", "0", "--trust-radius", "1e-3", "--tag", "tr"])
+    assert region["config"]["trust_radius"] == 1e-3 and region["final"]["iterations"] == 6
 
 
 @pytest.mark.parametrize("optimizer", ["hf", "adam"])
 def test_rnn_resume_continues_bit_identically(tmp_path, optimizer):
+    import torch
+
     from recipes import rnn_pathological as rp
 
     common = ["--task", "xor", "--T", "12", "--hidden", "6", "--time-budget", "0", "--optimizer", optimizer,
@@ -233,6 +237,11 @@ def test_rnn_resume_continues_bit_identically(tmp_path, optimizer):
     assert len(resumed["history"]) == 5 and trace(resumed) == trace(whole)  # iterations 0..4, every value equal
     saved = json.loads((tmp_path / "parts" / f"rnn_xor_T12_{optimizer}_seed0.json").read_text())
     assert saved["final"]["iterations"] == 4
+    state = tmp_path / "parts" / f"rnn_xor_T12_{optimizer}_seed0.pt"
+    saved_state = torch.load(state, weights_only=False)
+    torch.save(dict(saved_state, status="solved"), state)
+    with pytest.raises(SystemExit, match="already solved"):
+        rp.main([*common, "--max-iters", "6", "--out", str(tmp_path / "parts"), "--resume"])
     with pytest.raises(SystemExit, match="no saved state"):
         rp.main([*common, "--max-iters", "4", "--out", str(tmp_path / "elsewhere"), "--resume"])
 

@@ -678,7 +678,9 @@ class Hessian(_CurvatureBase):
 
     Args:
         params: the parameters.
-        closure: returns ``loss`` or ``(loss, outputs)`` (the outputs are ignored).
+        closure: returns ``loss`` or ``(loss, outputs)`` (the outputs take no part in the
+            products; they are kept, detached, as ``outputs`` so that callers can compare
+            batch sizes as they do with :class:`GGN`).
         safe_kernels: as for :class:`GGN`.
     """
 
@@ -689,7 +691,8 @@ class Hessian(_CurvatureBase):
         _build_with_kernel_fallback(self, self._build, lambda: self.mv(torch.ones_like(self._grad)), safe_kernels)
 
     def _build(self) -> None:
-        loss, _ = evaluate_closure(self._closure, need_outputs=False, params=self.params)
+        loss, outputs = evaluate_closure(self._closure, need_outputs=False, params=self.params)
+        self.outputs = tuple(o.detach() for o in outputs or ())
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self._live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]

@@ -513,9 +513,8 @@ class HessianFree(torch.optim.Optimizer):
             else:
                 loss_t, outs = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
                 s.separate_gradient = True
-                op_outs = getattr(op, "outputs", None)  # the Hessian operator keeps no outputs
-                if outs and op_outs and op_outs[0].numel():
-                    s.batch_ratio = outs[0].numel() / op_outs[0].numel()
+                if outs and op.outputs and op.outputs[0].numel():
+                    s.batch_ratio = outs[0].numel() / op.outputs[0].numel()
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss_t, params, allow_unused=True)
                 f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
