@@ -8,7 +8,7 @@ structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
     python recipes/rnn_pathological.py --task all --T 100 --time-budget 3600 --clock cpu --out results/rnn
     python recipes/rnn_pathological.py --summary results/rnn/*.json      # the table of saved runs
     python recipes/rnn_pathological.py --task xor --time-budget 3600 --resume   # continue a stopped run
-    python recipes/rnn_pathological.py --saddle results/rnn_xor_T100_hf_seed2.pt  # gradient noise, Hessian extremes
+    python recipes/rnn_pathological.py --saddle results/rnn_xor_T100_hf_seed2.pt  # gradient noise, Hessian extremes, reach
     python recipes/rnn_pathological.py --help
 
 Tasks (sequences of length T, time first; data generated on the fly, a fresh minibatch
@@ -197,9 +197,9 @@ def input_reach(task: str, input_scale: float, seed: int, T: int = 100, back: in
     return float(g[T - back].norm(dim=-1).mean())
 
 
-def _lanczos_extremes(mv, n: int, steps: int, gen: torch.Generator) -> tuple[float, float]:
+def _lanczos_extremes(mv, n: int, steps: int, gen: torch.Generator) -> tuple[float, float, torch.Tensor]:
     """Smallest and largest Ritz values of a symmetric operator after ``steps`` Lanczos
-    steps with full reorthogonalisation (float64)."""
+    steps with full reorthogonalisation (float64), and the unit Ritz vector of the smallest."""
     q = torch.randn(n, generator=gen, dtype=torch.float64)
     basis, alphas, betas = [q / q.norm()], [], []
     prev, beta = torch.zeros_like(q), 0.0
@@ -218,17 +218,28 @@ def _lanczos_extremes(mv, n: int, steps: int, gen: torch.Generator) -> tuple[flo
     m = len(alphas)
     off = torch.tensor(betas[: m - 1], dtype=torch.float64)
     tri = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(tri)
-    return float(ritz[0]), float(ritz[-1])
+    ritz, vectors = torch.linalg.eigh(tri)
+    lowest = torch.stack(basis[:m], 1) @ vectors[:, 0]
+    return float(ritz[0]), float(ritz[-1]), lowest / lowest.norm()
 
 
-def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int = 40, seed: int = 777) -> dict:
+SADDLE_STEPS = (1e-3, 1e-2, 3e-2, 1e-1)
+
+
+def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int = 40, seed: int = 777,
+                  steps: tuple[float, ...] = SADDLE_STEPS) -> dict:
     """Where a saved HF run stands (``--resume``'s ``<stem>.pt``), in float64: the norm of
     the expected gradient and of one batch's deviation from it (``batches`` fresh batches of
     the run's gradient batch size; ‖Ē‖² is debiased by the noise/``batches``), and the
-    extreme eigenvalues of the exact Hessian of the loss on one such batch (Lanczos). A
-    negative eigenvalue as large as the largest is a saddle whose way down the GGN does
-    not see (docs/rnns.md, XOR)."""
+    extreme eigenvalues of the exact Hessian of the loss on one such batch (Lanczos).
+
+    A negative eigenvalue as large as the largest is a saddle whose way down the GGN does
+    not see (docs/rnns.md, XOR). How far that way down reaches is measured along the unit
+    Ritz vector v of the smallest eigenvalue, signed downhill on the batch: for each step a
+    in ``steps``, the loss change f(θ + a v) − f(θ) on that batch and on a fresh one, and
+    the secant curvature (f(θ + a v) + f(θ − a v) − 2 f(θ)) / a² on the batch, which tends
+    to vᵀHv as a → 0 (the finite-difference check of §7.2 along v).
+    """
     saved = torch.load(state_path, map_location="cpu", weights_only=False)
     cfg = saved["config"]
     s = spec(cfg["task"])
@@ -242,16 +253,40 @@ def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int 
         _, out = forward(model, b.x.double(), readout=readout_steps(kind))
         return task_loss(kind, out, b.y.double() if kind in ("regression", "binary") else b.y)[0]
 
-    grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        batch_loss(generate(cfg["task"], T, size, gen)), params)]) for _ in range(batches)])
+    def flat_grad(b: Batch) -> torch.Tensor:
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(batch_loss(b), params)])
+
+    grads = torch.stack([flat_grad(generate(cfg["task"], T, size, gen)) for _ in range(batches)])
     mean = grads.mean(0)
     noise = float(((grads - mean) ** 2).sum(1).mean().sqrt())
     signal = max(float(mean @ mean) - noise**2 / batches, 0.0) ** 0.5
     b = generate(cfg["task"], T, size, gen)
     hessian = torch_hf.curvature.Hessian(params, lambda: batch_loss(b))
-    low, high = _lanczos_extremes(hessian.mv, hessian.numel, lanczos_steps, gen)
+    low, high, v = _lanczos_extremes(hessian.mv, hessian.numel, lanczos_steps, gen)
+    if float(flat_grad(b) @ v) > 0:
+        v = -v
+    fresh = generate(cfg["task"], T, size, gen)
+    theta = [p.detach().clone() for p in params]
+    shifts = [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in params]), params)]
+
+    def loss_at(a: float, data: Batch) -> float:
+        with torch.no_grad():
+            for p, p0, d in zip(params, theta, shifts):
+                p.copy_(p0 + a * d)
+            value = float(batch_loss(data))
+            for p, p0 in zip(params, theta):
+                p.copy_(p0)
+        return value
+
+    base, base_fresh = loss_at(0.0, b), loss_at(0.0, fresh)
+    along = []
+    for a in steps:
+        up, down = loss_at(a, b), loss_at(-a, b)
+        along.append({"step": a, "batch_change": up - base, "fresh_change": loss_at(a, fresh) - base_fresh,
+                      "curvature": (up + down - 2 * base) / a**2})
     return {"iterations": saved["it"], "test_loss": saved["history"][-1]["test_loss"], "gradient": signal,
-            "noise": noise, "batch_size": size, "hessian_min": low, "hessian_max": high}
+            "noise": noise, "batch_size": size, "hessian_min": low, "hessian_max": high,
+            "along_negative": along}
 
 
 def forward(model: torch.nn.ModuleDict, x: torch.Tensor, checkpoint=None, readout: int | None = None
@@ -313,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "initialization, for input scales 1 and 0.1 and --seeds, and exit")
     ap.add_argument("--saddle", default=None, metavar="STATE_PT",
                     help="print where a saved HF run stands (its <stem>.pt): expected gradient against one batch's "
-                         "noise, and the exact Hessian's extreme eigenvalues (saddle_report), and exit")
+                         "noise, the exact Hessian's extreme eigenvalues, and the loss along its most negative "
+                         "direction (saddle_report), and exit")
     ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
                     help="print the summary table of saved runs (and write --out/summary.png) instead of training")
     ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
@@ -674,7 +710,10 @@ def main(argv=None) -> dict | list[dict]:
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
     if args.saddle:
         report = saddle_report(args.saddle)
-        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
+                        if k != "along_negative"))
+        for row in report["along_negative"]:
+            print("along the most negative direction: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
         return report
     if args.reach:
         rows = {}

@@ -286,6 +286,13 @@ def test_rnn_saddle_report_matches_the_dense_hessian(tmp_path):
     assert exact["hessian_min"] == pytest.approx(float(eig[0]), rel=1e-6, abs=1e-9)
     assert exact["hessian_max"] == pytest.approx(float(eig[-1]), rel=1e-6)
     assert report["hessian_min"] <= report["hessian_max"] and report["noise"] > 0 and report["gradient"] >= 0
+    # Along the smallest eigenvector the secant curvature at the smallest step is the eigenvalue
+    # (finite differences, §7.2), and the signed step goes downhill where that curvature is negative.
+    first = exact["along_negative"][0]
+    assert first["step"] == rp.SADDLE_STEPS[0]
+    assert first["curvature"] == pytest.approx(float(eig[0]), rel=1e-3, abs=1e-6)
+    assert float(eig[0]) < 0 and first["batch_change"] < 0
+    assert [row["step"] for row in report["along_negative"]] == list(rp.SADDLE_STEPS)
 
 
 def test_rnn_recipe_writes_partial_results_and_stops_on_sigterm(tmp_path):
