@@ -6,6 +6,7 @@ structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
     python recipes/rnn_pathological.py --task temporal_order --T 100 --input-scale 0.1
     python recipes/rnn_pathological.py --task temporal_order --T 100 --input-scale 0.1 --optimizer adam
     python recipes/rnn_pathological.py --task all --T 100 --time-budget 3600 --clock cpu --out results/rnn
+    python recipes/rnn_pathological.py --task all --lrs 3e-4 1e-3 3e-3 --out results/rnn  # Adam's lr tuned per task
     python recipes/rnn_pathological.py --summary results/rnn/*.json      # the table of saved runs
     python recipes/rnn_pathological.py --task xor --time-budget 3600 --resume   # continue a stopped run
     python recipes/rnn_pathological.py --saddle results/rnn_xor_T100_hf_seed2.pt  # gradient noise, Hessian extremes, reach
@@ -343,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--task all: the optimizers (default hf adam)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--task all: the seeds (default 0 1 2)")
     ap.add_argument("--jobs", type=int, default=2, help="--task all: runs at a time, one thread each (default 2)")
+    ap.add_argument("--lrs", nargs="+", type=float, default=None,
+                    help="--task all: tune Adam's/SGD's learning rate per task over these values on the first seed "
+                         "(--tune-budget seconds each), then run every seed at the best")
+    ap.add_argument("--tune-budget", type=float, default=300.0,
+                    help="--task all --lrs: the time budget of each tuning run (default 300 s)")
     ap.add_argument("--reach", action="store_true",
                     help="print, per task, the last state's sensitivity to the input 95 steps back at "
                          "initialization, for input scales 1 and 0.1 and --seeds, and exit")
@@ -615,6 +621,9 @@ def summarize(results: list[dict]) -> str:
                 cells += ["", ""]
                 continue
             rate = f"{len(solved)}/{len(runs)}" + (f" ({len(unfinished)} running)" if unfinished else "")
+            lrs = {r["config"].get("lr") for r in runs}
+            if o != "hf" and None not in lrs:
+                rate += " (lr " + ", ".join(f"{lr:g}" for lr in sorted(lrs)) + ")"
             if solved:
                 t = sorted(f["time_s"] for f in solved)[len(solved) // 2]
                 n = sorted(f["iterations"] for f in solved)[len(solved) // 2]
@@ -632,57 +641,49 @@ def plot_summary(results: list[dict], out: str | Path) -> str:
     return plot_by_task(results, out, order=TASKS)
 
 
-def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
-    """``--task all``: every (task, optimizer, seed) as its own process on one thread,
-    ``--jobs`` at a time. A run whose JSON says it finished (solved, diverged, or its budget
-    spent, at least this call's ``--time-budget`` / ``--max-iters``) is kept; one that was
-    stopped or had a smaller budget continues from its saved state (``--resume``) where there is one, and
-    starts over where there is not, so a killed driver picks up where it stopped. Writes
-    ``summary.md`` and ``summary.png`` into ``--out``."""
+def _pending_run(path: Path, command: list[str], lr: float | None) -> list[str] | None:
+    """The command that (re)starts the run whose JSON is ``path``, or None when a finished
+    run is there: solved, diverged, or its budget spent, at least this call's budget and at
+    the same learning rate. A stopped run, or one with a smaller budget, continues from its
+    saved state (``--resume``) where there is one."""
     import json
+
+    if not path.exists():
+        return command
+    saved = json.loads(path.read_text())
+    status, was = saved["final"].get("status"), saved["config"]
+    if lr is not None and was.get("lr") != lr:
+        return command  # another learning rate: start over
+    budget = _budget_of(command)
+    short = ((status == "budget" and (was.get("time_budget") or 0) < budget[0])
+             or (status == "max_iters" and (was.get("max_iters") or 0) < budget[1]))
+    if status in ("solved", "diverged", "budget", "max_iters") and not short:
+        return None
+    return command + (["--resume"] if path.with_suffix(".pt").exists() else [])
+
+
+def _budget_of(command: list[str]) -> tuple[float, int]:
+    """(time budget, max iters) that ``command`` asks for: the last of each option wins, as in argparse."""
+    time_budget, max_iters = DEFAULT_TIME_BUDGET, 0
+    for flag, value in zip(command, command[1:]):
+        if flag == "--time-budget":
+            time_budget = float(value)
+        elif flag == "--max-iters":
+            max_iters = int(value)
+    return time_budget, max_iters
+
+
+def _run_queue(queue: list[list[str]], jobs: int, desc: str, quiet: bool) -> None:
     import os
     import subprocess
     import time
 
-    out = Path(args.out)
-    if out.suffix.lower() == ".json":
-        raise SystemExit("--task all writes one JSON per run: give --out a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    # The options every run shares: argv without the driver's own.
-    own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads",
-           "--resume"}
-    shared, skip = [], False
-    for a in argv:
-        if skip and not a.startswith("--"):
-            continue
-        skip = a.split("=")[0] in own
-        if not skip:
-            shared.append(a)
-    queue = []
-    for task in args.tasks:
-        for opt in args.optimizers:
-            for seed in args.seeds:
-                path = out / f"{run_stem(task, args.T, opt, seed, args.tag)}.json"
-                resume = []
-                if path.exists():
-                    saved = json.loads(path.read_text())
-                    status = saved["final"].get("status")
-                    was = saved["config"]
-                    short = ((status == "budget" and (was.get("time_budget") or 0) < (args.time_budget or 0))
-                             or (status == "max_iters" and (was.get("max_iters") or 0) < (args.max_iters or 0)))
-                    if status in ("solved", "diverged", "budget", "max_iters") and not short:
-                        continue
-                    if path.with_suffix(".pt").exists():
-                        resume = ["--resume"]
-                queue.append([sys.executable, str(Path(__file__).resolve()), "--task", task, "--optimizer", opt,
-                              "--seed", str(seed), "--threads", "1", "--out", str(out), "--no-progress", *shared,
-                              *resume])
-    running: list = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(queue), desc="runs", disable=args.no_progress)
+    running: list = []
+    bar = tqdm(total=len(queue), desc=desc, disable=quiet)
     while queue or running:
-        while queue and len(running) < args.jobs:
+        while queue and len(running) < jobs:
             running.append(subprocess.Popen(queue.pop(0), env=dict(os.environ, OMP_NUM_THREADS="1"),
                                             stdout=subprocess.DEVNULL))
         time.sleep(1.0)
@@ -692,6 +693,97 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
             if proc.returncode != 0:
                 raise SystemExit(f"run {' '.join(proc.args[2:8])} failed with exit code {proc.returncode}")
     bar.close()
+
+
+def pick_lr(runs: list[dict]) -> float:
+    """The learning rate of the best of ``runs`` (one task, one optimizer, one seed, one
+    budget): the earliest solved, else the lowest final test loss (a diverged run never wins)."""
+    def score(r: dict) -> tuple:
+        f = r["final"]
+        if f.get("status") == "solved":
+            return (0, f["time_s"])
+        loss = f.get("test_loss")
+        return (1, loss if f.get("status") != "diverged" and loss is not None and math.isfinite(loss) else math.inf)
+    if not runs:
+        raise ValueError("pick_lr needs at least one run")
+    return min(runs, key=score)["config"]["lr"]
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """``--task all``: every (task, optimizer, seed) as its own process on one thread,
+    ``--jobs`` at a time. A run whose JSON says it finished (solved, diverged, or its budget
+    spent, at least this call's ``--time-budget`` / ``--max-iters``) is kept; one that was
+    stopped or had a smaller budget continues from its saved state (``--resume``) where there is one, and
+    starts over where there is not, so a killed driver picks up where it stopped. Writes
+    ``summary.md`` and ``summary.png`` into ``--out``.
+
+    With ``--lrs``, Adam's (and SGD's) learning rate is tuned per task first: the first
+    seed runs at every rate for ``--tune-budget`` seconds (into ``--out``/tune, one JSON
+    each, ``tune.md`` the table), the best by ``pick_lr`` is kept, and every seed then runs
+    at it with the full budget."""
+    import json
+
+    out = Path(args.out)
+    if out.suffix.lower() == ".json":
+        raise SystemExit("--task all writes one JSON per run: give --out a directory")
+    if args.lrs and args.lr is not None:
+        raise SystemExit("--lrs tunes the learning rate: leave out --lr")
+    if args.lrs and min(args.lrs) <= 0:
+        raise SystemExit(f"--lrs must all be > 0, got {args.lrs}")
+    out.mkdir(parents=True, exist_ok=True)
+    # The options every run shares: argv without the driver's own.
+    own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads",
+           "--resume", "--lrs", "--tune-budget", "--tag"}
+    shared, skip = [], False
+    for a in argv:
+        if skip and not a.startswith("--"):
+            continue
+        skip = a.split("=")[0] in own
+        if not skip:
+            shared.append(a)
+
+    def command(task: str, opt: str, seed: int, where: Path, lr: float | None, tag: str | None, *extra: str):
+        return ([sys.executable, str(Path(__file__).resolve()), "--task", task, "--optimizer", opt, "--seed", str(seed),
+                 "--threads", "1", "--out", str(where), "--no-progress", *shared, *extra]
+                + (["--lr", repr(lr)] if lr is not None else []) + (["--tag", tag] if tag else []))
+
+    tuned = [o for o in args.optimizers if o != "hf"] if args.lrs else []
+    best: dict[tuple[str, str], float] = {}
+    if tuned:
+        tune_dir = out / "tune"
+        queue = []
+        for task in args.tasks:
+            for opt in tuned:
+                for lr in args.lrs:
+                    tag = "_".join(filter(None, [args.tag, f"lr{lr:g}"]))
+                    cmd = command(task, opt, args.seeds[0], tune_dir, lr, tag, "--time-budget", str(args.tune_budget))
+                    pending = _pending_run(tune_dir / f"{run_stem(task, args.T, opt, args.seeds[0], tag)}.json", cmd, lr)
+                    if pending:
+                        queue.append(pending)
+        _run_queue(queue, args.jobs, "tuning runs", args.no_progress)
+        rows = ["| task | optimizer | learning rate | after the tuning budget | chosen |", "|" + " --- |" * 5]
+        for task in args.tasks:
+            for opt in tuned:
+                runs = [json.loads((tune_dir / f"{run_stem(task, args.T, opt, args.seeds[0], '_'.join(filter(None, [args.tag, f'lr{lr:g}'])))}.json")
+                                   .read_text()) for lr in args.lrs]
+                best[task, opt] = pick_lr(runs)
+                for r in runs:
+                    f = r["final"]
+                    how = (f"solved at {f['time_s']:,.0f} s" if f.get("status") == "solved"
+                           else f"test loss {f.get('test_loss', math.nan):.4g}, error {f['test_error']:.3f}")
+                    rows.append(f"| {task} | {opt} | {r['config']['lr']:g} | {how} | "
+                                f"{'yes' if r['config']['lr'] == best[task, opt] else ''} |")
+        (out / "tune.md").write_text("\n".join(rows) + "\n")
+    queue = []
+    for task in args.tasks:
+        for opt in args.optimizers:
+            lr = best.get((task, opt))
+            for seed in args.seeds:
+                pending = _pending_run(out / f"{run_stem(task, args.T, opt, seed, args.tag)}.json",
+                                       command(task, opt, seed, out, lr, args.tag), lr)
+                if pending:
+                    queue.append(pending)
+    _run_queue(queue, args.jobs, "runs", args.no_progress)
     results = [json.loads(p.read_text()) for p in sorted(out.glob(f"rnn_*_T{args.T}_*.json"))]
     table = summarize(results)
     (out / "summary.md").write_text(table + "\n")
@@ -707,7 +799,7 @@ def main(argv=None) -> dict | list[dict]:
     check_args(ap, args, positive=("T", "hidden", "input_scale", "max_iters", "batch_size", "curvature_batch_size",
                                    "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs",
                                    "trust_radius"),
-               non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip"))
+               non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip", "tune_budget"))
     if args.saddle:
         report = saddle_report(args.saddle)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
@@ -734,7 +826,7 @@ def main(argv=None) -> dict | list[dict]:
     if args.task == "all":
         return run_all(args, argv)
     cfg = vars(args).copy()
-    for key in ("tasks", "optimizers", "seeds", "jobs", "summary"):
+    for key in ("tasks", "optimizers", "seeds", "jobs", "summary", "lrs", "tune_budget"):
         cfg.pop(key)
     stem = run_stem(cfg["task"], cfg["T"], cfg["optimizer"], cfg["seed"], cfg["tag"])
     json_path, png_path = output_paths(cfg["out"], stem)

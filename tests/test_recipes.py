@@ -408,6 +408,44 @@ def test_rnn_task_all_runs_every_combination_and_summarises(tmp_path):
     assert all(r["history"][:3] == first[(r["config"]["optimizer"], r["config"]["seed"])] for r in longer)
 
 
+def test_rnn_task_all_tunes_the_learning_rate_first(tmp_path):
+    from recipes import rnn_pathological as rp
+
+    common = ["--T", "16", "--hidden", "8", "--max-iters", "2", "--time-budget", "0", "--batch-size", "40",
+              "--test-size", "50", "--out", str(tmp_path), "--no-progress"]
+    call = ["--task", "all", "--tasks", "memorization", "--optimizers", "adam", "--seeds", "0", "1",
+            "--lrs", "1e-3", "0.3", "--tune-budget", "0", *common]
+    results = rp.main(call)
+    tuning = [json.loads(p.read_text()) for p in sorted((tmp_path / "tune").glob("*.json"))]
+    assert sorted(r["config"]["lr"] for r in tuning) == [1e-3, 0.3]
+    assert all(r["config"]["seed"] == 0 and r["final"]["iterations"] == 2 for r in tuning)
+    chosen = rp.pick_lr(tuning)
+    assert [r["config"]["lr"] for r in results] == [chosen, chosen]  # every seed at the chosen rate
+    table = (tmp_path / "tune.md").read_text()
+    assert table.count("| yes |") == 1 and f"| memorization | adam | {chosen:g} |" in table
+    assert f"(lr {chosen:g})" in (tmp_path / "summary.md").read_text()
+    before = {p: p.stat().st_mtime for p in tmp_path.rglob("rnn_*.json")}
+    rp.main(call)  # everything finished: nothing runs again
+    assert before == {p: p.stat().st_mtime for p in tmp_path.rglob("rnn_*.json")}
+    with pytest.raises(SystemExit, match="leave out --lr"):
+        rp.main(call + ["--lr", "0.1"])
+
+
+def test_rnn_pick_lr_prefers_the_earliest_solve_then_the_lowest_loss():
+    from recipes import rnn_pathological as rp
+
+    def run(lr, status, t, loss):
+        return {"config": {"lr": lr}, "final": {"status": status, "time_s": t, "test_loss": loss}}
+
+    assert rp.pick_lr([run(1e-3, "budget", 300, 0.01), run(3e-3, "solved", 240, 0.05),
+                       run(1e-2, "solved", 120, 0.07)]) == 1e-2
+    assert rp.pick_lr([run(1e-3, "budget", 300, 0.2), run(3e-3, "budget", 300, 0.1)]) == 3e-3
+    assert rp.pick_lr([run(1e-3, "budget", 300, 0.6), run(3e-3, "diverged", 30, 0.0),
+                       run(1e-2, "budget", 300, float("nan"))]) == 1e-3
+    with pytest.raises(ValueError):
+        rp.pick_lr([])
+
+
 def test_rnn_summary_counts_solved_seeds_and_median_time():
     from recipes import rnn_pathological as rp
 
