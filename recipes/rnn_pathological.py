@@ -641,11 +641,12 @@ def plot_summary(results: list[dict], out: str | Path) -> str:
     return plot_by_task(results, out, order=TASKS)
 
 
-def _pending_run(path: Path, command: list[str], lr: float | None) -> list[str] | None:
+def _pending_run(path: Path, command: list[str], lr: float | None, time_budget: float,
+                 max_iters: int) -> list[str] | None:
     """The command that (re)starts the run whose JSON is ``path``, or None when a finished
-    run is there: solved, diverged, or its budget spent, at least this call's budget and at
-    the same learning rate. A stopped run, or one with a smaller budget, continues from its
-    saved state (``--resume``) where there is one."""
+    run is there: solved, diverged, or its budget spent, at least ``time_budget`` /
+    ``max_iters`` and at the same learning rate. A stopped run, or one with a smaller
+    budget, continues from its saved state (``--resume``) where there is one."""
     import json
 
     if not path.exists():
@@ -654,23 +655,11 @@ def _pending_run(path: Path, command: list[str], lr: float | None) -> list[str] 
     status, was = saved["final"].get("status"), saved["config"]
     if lr is not None and was.get("lr") != lr:
         return command  # another learning rate: start over
-    budget = _budget_of(command)
-    short = ((status == "budget" and (was.get("time_budget") or 0) < budget[0])
-             or (status == "max_iters" and (was.get("max_iters") or 0) < budget[1]))
+    short = ((status == "budget" and (was.get("time_budget") or 0) < time_budget)
+             or (status == "max_iters" and (was.get("max_iters") or 0) < max_iters))
     if status in ("solved", "diverged", "budget", "max_iters") and not short:
         return None
     return command + (["--resume"] if path.with_suffix(".pt").exists() else [])
-
-
-def _budget_of(command: list[str]) -> tuple[float, int]:
-    """(time budget, max iters) that ``command`` asks for: the last of each option wins, as in argparse."""
-    time_budget, max_iters = DEFAULT_TIME_BUDGET, 0
-    for flag, value in zip(command, command[1:]):
-        if flag == "--time-budget":
-            time_budget = float(value)
-        elif flag == "--max-iters":
-            max_iters = int(value)
-    return time_budget, max_iters
 
 
 def _run_queue(queue: list[list[str]], jobs: int, desc: str, quiet: bool) -> None:
@@ -749,23 +738,30 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
 
     tuned = [o for o in args.optimizers if o != "hf"] if args.lrs else []
     best: dict[tuple[str, str], float] = {}
+    max_iters = args.max_iters or 0
     if tuned:
         tune_dir = out / "tune"
+
+        def tune_tag(lr: float) -> str:
+            return "_".join(filter(None, [args.tag, f"lr{lr:g}"]))
+
+        def tune_path(task: str, opt: str, lr: float) -> Path:
+            return tune_dir / f"{run_stem(task, args.T, opt, args.seeds[0], tune_tag(lr))}.json"
+
         queue = []
         for task in args.tasks:
             for opt in tuned:
                 for lr in args.lrs:
-                    tag = "_".join(filter(None, [args.tag, f"lr{lr:g}"]))
-                    cmd = command(task, opt, args.seeds[0], tune_dir, lr, tag, "--time-budget", str(args.tune_budget))
-                    pending = _pending_run(tune_dir / f"{run_stem(task, args.T, opt, args.seeds[0], tag)}.json", cmd, lr)
+                    cmd = command(task, opt, args.seeds[0], tune_dir, lr, tune_tag(lr),
+                                  "--time-budget", str(args.tune_budget))
+                    pending = _pending_run(tune_path(task, opt, lr), cmd, lr, args.tune_budget, max_iters)
                     if pending:
                         queue.append(pending)
         _run_queue(queue, args.jobs, "tuning runs", args.no_progress)
         rows = ["| task | optimizer | learning rate | after the tuning budget | chosen |", "|" + " --- |" * 5]
         for task in args.tasks:
             for opt in tuned:
-                runs = [json.loads((tune_dir / f"{run_stem(task, args.T, opt, args.seeds[0], '_'.join(filter(None, [args.tag, f'lr{lr:g}'])))}.json")
-                                   .read_text()) for lr in args.lrs]
+                runs = [json.loads(tune_path(task, opt, lr).read_text()) for lr in args.lrs]
                 best[task, opt] = pick_lr(runs)
                 for r in runs:
                     f = r["final"]
@@ -780,7 +776,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
             lr = best.get((task, opt))
             for seed in args.seeds:
                 pending = _pending_run(out / f"{run_stem(task, args.T, opt, seed, args.tag)}.json",
-                                       command(task, opt, seed, out, lr, args.tag), lr)
+                                       command(task, opt, seed, out, lr, args.tag), lr, args.time_budget or 0,
+                                       max_iters)
                 if pending:
                     queue.append(pending)
     _run_queue(queue, args.jobs, "runs", args.no_progress)
