@@ -190,7 +190,7 @@ def test_rnn_task_defaults_apply_unless_the_cli_overrides_them(tmp_path):
     common = ["--T", "12", "--hidden", "6", "--max-iters", "1", "--time-budget", "0", "--cg-max-iters", "2",
               "--test-size", "20", "--out", str(tmp_path), "--no-progress"]
     xor = rp.main(["--task", "xor", *common])["config"]
-    assert (xor["batch_size"], xor["curvature_batch_size"], xor["cg_stop"]) == (4000, 1000, "rate")
+    assert (xor["batch_size"], xor["curvature_batch_size"], xor["cg_stop"]) == (16000, 1000, "rate")
     mine = rp.main(["--task", "xor", "--batch-size", "30", "--cg-stop", "progress", *common])["config"]
     assert (mine["batch_size"], mine["curvature_batch_size"], mine["cg_stop"]) == (30, 1000, "progress")
     other = rp.main(["--task", "addition", *common])["config"]
