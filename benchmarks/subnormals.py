@@ -7,8 +7,12 @@
 2. ``--steps`` HF steps with the library's defaults (gradient batch 1000, curvature batch
    250, the README's loop) from the same initialization: the fraction of step time in
    each phase of Algorithm 3 (``opt.last_step.times``) and CG iterations per step.
+3. With ``--rnn-state``: one Adam update of the RNN recipe (batch 100, gradient-norm clip,
+   as ``recipes/rnn_pathological.py`` trains it) from a run's saved state (its ``<stem>.pt``),
+   subnormals handled by the CPU against flushed (why the recipes flush for every optimizer).
 
     python benchmarks/subnormals.py --threads 1
+    python benchmarks/subnormals.py --threads 1 --steps 0 --rnn-state results/rnn_temporal_order_T100_adam_seed2.pt
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20, help="HF steps profiled (0: none)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rnn-state", default=None, metavar="PT",
+                    help="also time an Adam update of the RNN recipe from this saved Adam run (<stem>.pt)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +101,52 @@ def main(argv=None) -> dict:
         for name, s in phases.items():
             print(f"  {name:30s} {100 * s / total:5.1f}%")
             out[f"share {name}"] = round(s / total, 3)
+    if args.rnn_state:
+        out.update(rnn_adam_update(args.rnn_state, args.reps))
     return out
+
+
+def rnn_adam_update(path: str, reps: int, batch: int = 100) -> dict:
+    """Median time of one of the RNN recipe's Adam updates from the saved run at ``path``,
+    with subnormals and flushed, on fresh batches of the run's task."""
+    from recipes import rnn_pathological as rp
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = saved["config"]
+    if cfg.get("optimizer") != "adam":
+        raise SystemExit(f"--rnn-state {path}: a saved Adam run is needed, this one is {cfg.get('optimizer')!r}")
+    spec = rp.spec(cfg["task"])
+    model = rp.sparse_init_rnn(spec.inputs, cfg["hidden"], spec.outputs, torch.Generator().manual_seed(0))
+    model.load_state_dict(saved["model"])
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    opt.load_state_dict(saved["optimizer"])
+    gen = torch.Generator().manual_seed(1)
+
+    def update():
+        b = rp.generate(cfg["task"], cfg["T"], batch, gen)
+        opt.zero_grad(set_to_none=True)
+        _, out = rp.forward(model, b.x, None, rp.readout_steps(spec.kind))
+        loss, _ = rp.task_loss(spec.kind, out, b.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.get("clip") or float("inf"))
+        opt.step()
+
+    def with_mode(flush: bool):
+        def run():
+            torch.set_flush_denormal(flush)
+            for _ in range(10):
+                update()
+        return run
+
+    t = interleaved({"subnormals": with_mode(False), "flushed": with_mode(True)}, reps=reps)
+    torch.set_flush_denormal(False)
+    slow, fast = t["subnormals"] / 10, t["flushed"] / 10
+    print(f"RNN recipe, Adam update ({cfg['task']}, T = {cfg['T']}, batch {batch}, state at "
+          f"{saved['train_time']:.0f} s): {slow * 1000:.1f} ms with subnormals, {fast * 1000:.1f} ms flushed, "
+          f"ratio {slow / fast:.1f}")
+    return {"rnn adam update, subnormals": round(slow * 1000, 2), "rnn adam update, flushed": round(fast * 1000, 2),
+            "rnn adam update ratio": round(slow / fast, 2)}
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, progress_bar, save_results  # noqa: E402
+from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, progress_bar,  # noqa: E402
+                          save_results, subnormals_flushed)
 from recipes.plot import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF: run the closure's forward pass under torch.autocast (CG vectors stay float32)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    add_subnormal_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results",
                     help="directory for the JSON and PNG (default results/), or a .json file path")
@@ -166,7 +168,18 @@ def hf_options(cfg: dict) -> dict:
 
 def run(cfg: dict, progress: bool = True) -> dict | None:
     """Train as ``cfg`` says (the parsed CLI as a dict); returns the results dict (``None``
-    on the processes other than rank 0 of a ``--distributed`` run)."""
+    on the processes other than rank 0 of a ``--distributed`` run). On CPU every optimizer
+    trains with subnormals flushed to zero unless ``cfg["keep_subnormals"]``
+    (``recipes.plot.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
+    flush = torch.device(cfg["device"]).type == "cpu" and not cfg.get("keep_subnormals")
+    with subnormals_flushed(flush) as flushing:
+        result = _train(cfg, progress)
+    if result is not None:
+        result["final"]["subnormals_flushed"] = flushing
+    return result
+
+
+def _train(cfg: dict, progress: bool) -> dict | None:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])

@@ -8,10 +8,11 @@ as one panel per task (test error against time, every seed and optimizer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 def _label(result: dict, path: str) -> str:
@@ -134,6 +135,39 @@ def add_clock_option(ap: argparse.ArgumentParser) -> None:
 def budget_clock(name: str | None) -> Callable[[], float]:
     """The timer a ``--clock`` value names (default wall time)."""
     return time.process_time if name == "cpu" else time.perf_counter
+
+
+def add_subnormal_option(ap: argparse.ArgumentParser) -> None:
+    """The recipes' ``--keep-subnormals`` option (see :func:`subnormals_flushed`)."""
+    ap.add_argument("--keep-subnormals", action="store_true",
+                    help="CPU: leave torch's default subnormal-float handling for the whole run. By default "
+                         "subnormals are flushed to zero for every optimizer, as HessianFree does inside its "
+                         "steps; without that, a baseline whose tiny gradients turn subnormal runs several "
+                         "times slower per update (benchmarks/subnormals.py)")
+
+
+@contextlib.contextmanager
+def subnormals_flushed(enabled: bool) -> Iterator[bool]:
+    """Flush subnormal floats to zero (``torch.set_flush_denormal``) inside the block when
+    ``enabled``, and restore the caller's mode afterwards. Yields whether flushing is in force.
+
+    A recipe that compares optimizers on CPU time runs every optimizer under this: HessianFree
+    flushes inside its steps by default, and a baseline left with subnormals (a saturated RNN's
+    vanishing gradients, Adam's second moments of them) would be charged x86's slow path, up to
+    ~10x per update in the RNN runs, for no difference in the arithmetic that matters."""
+    import torch
+
+    # torch has no getter for the mode: with flush-to-zero a float32 subnormal times one is zero
+    already = float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+    if not enabled or already:
+        yield already
+        return
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
 
 
 def output_paths(out: str | Path, stem: str) -> tuple[Path, Path]:

@@ -59,7 +59,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, output_paths, plot_by_task, save_results, write_json  # noqa: E402
+from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, output_paths,  # noqa: E402
+                          plot_by_task, save_results, subnormals_flushed, write_json)
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    add_subnormal_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default=None)
@@ -410,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# Settings a resumed run may change: how long, how often it reports, where, on how many threads.
+# Settings a resumed run may change: how long, how often it reports, where, on how many threads,
+# and how fast the CPU treats subnormals (a speed setting, as the thread count is).
 RESUMABLE_CHANGES = frozenset({"time_budget", "max_iters", "eval_every", "out", "threads", "no_progress", "resume",
-                               "device"})
+                               "device", "keep_subnormals"})
 
 
 def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Path | None = None) -> dict:
@@ -424,7 +427,20 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Pa
     the model, optimizer, data stream and clock are saved there at every evaluation, and
     ``cfg["resume"]`` continues from that file: the resumed run takes the same updates,
     bit for bit, as one that was never stopped (its budget counts the time already spent).
+
+    On CPU every optimizer trains with subnormals flushed to zero unless
+    ``cfg["keep_subnormals"]`` (``final["subnormals_flushed"]`` records it): HessianFree flushes
+    inside its steps anyway, and a baseline left on x86's subnormal path pays up to ~10x per
+    update once its gradients vanish, which an equal-CPU-time comparison would charge to it.
     """
+    flush = torch.device(cfg["device"]).type == "cpu" and not cfg.get("keep_subnormals")
+    with subnormals_flushed(flush) as flushing:
+        result = _train(cfg, progress, on_evaluate, state_path)
+    result["final"]["subnormals_flushed"] = flushing
+    return result
+
+
+def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])

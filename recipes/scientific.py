@@ -40,7 +40,8 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import add_clock_option, budget_clock, check_args, plot_results, progress_bar, write_json  # noqa: E402
+from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, plot_results,  # noqa: E402
+                          progress_bar, subnormals_flushed, write_json)
 from recipes.plot import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 60.0
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=32, help="hidden units per layer (default 32)")
     ap.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    add_subnormal_option(ap)
     ap.add_argument("--seed", type=int, default=0, help="the network's initialisation (the data are fixed)")
     ap.add_argument("--out", default="results", help="directory for the JSON and PNG, or a .json file path")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
@@ -205,7 +207,16 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner
 
 
 def run(cfg: dict, progress: bool = True) -> dict:
-    """Train one optimizer as ``cfg`` says (the parsed CLI as a dict); returns the results dict."""
+    """Train one optimizer as ``cfg`` says (the parsed CLI as a dict); returns the results dict.
+    Every optimizer trains with subnormals flushed to zero unless ``cfg["keep_subnormals"]``
+    (``recipes.plot.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
+    with subnormals_flushed(not cfg.get("keep_subnormals")) as flushing:
+        result = _train(cfg, progress)
+    result["final"]["subnormals_flushed"] = flushing
+    return result
+
+
+def _train(cfg: dict, progress: bool) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     problem = PROBLEMS[cfg["problem"]]()

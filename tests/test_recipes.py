@@ -497,3 +497,66 @@ def test_rnn_default_input_scale_lets_early_inputs_reach_the_last_state(task):
     reach = {scale: rp.input_reach(task, scale, seed=0) for scale in (1.0, rp.DEFAULT_INPUT_SCALE)}
     assert rp.DEFAULT_INPUT_SCALE == 0.1
     assert reach[0.1] > 0.1 and reach[0.1] > 100 * reach[1.0]
+
+
+def _flushing_subnormals() -> bool:
+    import torch
+
+    return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+
+
+@pytest.fixture
+def flush_supported():
+    import torch
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+
+
+def test_subnormals_flushed_restores_the_callers_mode(flush_supported):
+    import torch
+
+    from recipes.plot import subnormals_flushed
+
+    with subnormals_flushed(True) as on:
+        assert on and _flushing_subnormals()
+    assert not _flushing_subnormals()
+    with subnormals_flushed(False) as on:
+        assert not on and not _flushing_subnormals()
+    torch.set_flush_denormal(True)
+    try:
+        with subnormals_flushed(True) as on:
+            assert on
+        assert _flushing_subnormals()  # the caller had it on: left on
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_rnn_recipe_trains_every_optimizer_with_subnormals_flushed_unless_kept(tmp_path, keep, flush_supported):
+    from recipes import rnn_pathological as rp
+
+    argv = ["--task", "temporal_order", "--T", "12", "--hidden", "8", "--optimizer", "adam", "--max-iters", "3",
+            "--time-budget", "0", "--eval-every", "1e-9", "--test-size", "20", "--out", str(tmp_path),
+            "--no-progress"] + (["--keep-subnormals"] if keep else [])
+    cfg = vars(rp.build_parser().parse_args(argv))
+    seen = []  # the mode while Adam trains, read at every evaluation
+    result = rp.run(cfg, progress=False, on_evaluate=lambda partial: seen.append(_flushing_subnormals()))
+    assert seen and set(seen) == {not keep}
+    assert result["final"]["subnormals_flushed"] is (not keep)
+    assert not _flushing_subnormals()
+
+
+@pytest.mark.parametrize("recipe", ["autoencoder", "scientific"])
+def test_other_recipes_flush_subnormals_unless_kept(tmp_path, recipe, flush_supported):
+    from recipes import scientific
+
+    for keep in (False, True):
+        extra = ["--keep-subnormals"] if keep else []
+        if recipe == "autoencoder":
+            final = _run(tmp_path, "adam", extra)["final"]
+        else:
+            final = scientific.main(["--problem", "regression", "--optimizer", "adam", "--max-iters", "2",
+                                     "--time-budget", "0", "--out", str(tmp_path), "--no-progress", *extra])[0]["final"]
+        assert final["subnormals_flushed"] is (not keep)
+        assert not _flushing_subnormals()
