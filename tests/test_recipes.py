@@ -560,3 +560,19 @@ def test_other_recipes_flush_subnormals_unless_kept(tmp_path, recipe, flush_supp
                                      "--time-budget", "0", "--out", str(tmp_path), "--no-progress", *extra])[0]["final"]
         assert final["subnormals_flushed"] is (not keep)
         assert not _flushing_subnormals()
+
+
+def test_subnormals_benchmark_times_an_adam_update_from_a_saved_rnn_run(tmp_path, capsys, flush_supported):
+    from benchmarks.subnormals import rnn_adam_update
+    from recipes import rnn_pathological as rp
+
+    for opt in ("adam", "hf"):
+        rp.main(["--task", "temporal_order", "--T", "12", "--hidden", "8", "--optimizer", opt, "--max-iters", "2",
+                 "--time-budget", "0", "--eval-every", "1e-9", "--batch-size", "20", "--curvature-batch-size", "10",
+                 "--test-size", "20", "--out", str(tmp_path), "--no-progress"])
+    out = rnn_adam_update(str(tmp_path / "rnn_temporal_order_T12_adam_seed0.pt"), reps=1, batch=8)
+    assert out["rnn adam update, subnormals"] > 0 and out["rnn adam update, flushed"] > 0
+    assert out["rnn adam update ratio"] > 0 and "ratio" in capsys.readouterr().out
+    assert not _flushing_subnormals()
+    with pytest.raises(SystemExit, match="saved Adam run"):
+        rnn_adam_update(str(tmp_path / "rnn_temporal_order_T12_hf_seed0.pt"), reps=1)
