@@ -30,6 +30,14 @@ from recipes.data import load_curves  # noqa: E402
 from recipes.models import CURVES_LAYERS, deep_autoencoder  # noqa: E402
 
 
+def with_mode(flush: bool, fn):
+    """``fn`` run with subnormals flushed (``flush``) or handled by the CPU."""
+    def run():
+        torch.set_flush_denormal(flush)
+        fn()
+    return run
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=250)
@@ -53,12 +61,6 @@ def main(argv=None) -> dict:
 
     op = torch_hf.GGN(params, closure)
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
-
-    def with_mode(flush: bool, fn):
-        def run():
-            torch.set_flush_denormal(flush)
-            fn()
-        return run
 
     def gradient():
         loss, _ = closure()
@@ -132,14 +134,11 @@ def rnn_adam_update(path: str, reps: int, batch: int = 100) -> dict:
         torch.nn.utils.clip_grad_norm_(params, cfg.get("clip") or float("inf"))
         opt.step()
 
-    def with_mode(flush: bool):
-        def run():
-            torch.set_flush_denormal(flush)
-            for _ in range(10):
-                update()
-        return run
+    def ten_updates():
+        for _ in range(10):
+            update()
 
-    t = interleaved({"subnormals": with_mode(False), "flushed": with_mode(True)}, reps=reps)
+    t = interleaved({"subnormals": with_mode(False, ten_updates), "flushed": with_mode(True, ten_updates)}, reps=reps)
     torch.set_flush_denormal(False)
     slow, fast = t["subnormals"] / 10, t["flushed"] / 10
     print(f"RNN recipe, Adam update ({cfg['task']}, T = {cfg['T']}, batch {batch}, state at "

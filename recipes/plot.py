@@ -8,11 +8,10 @@ as one panel per task (test error against time, every seed and optimizer).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Sequence
 
 
 def _label(result: dict, path: str) -> str:
@@ -146,28 +145,18 @@ def add_subnormal_option(ap: argparse.ArgumentParser) -> None:
                          "times slower per update (benchmarks/subnormals.py)")
 
 
-@contextlib.contextmanager
-def subnormals_flushed(enabled: bool) -> Iterator[bool]:
+def subnormals_flushed(enabled: bool) -> ContextManager[bool]:
     """Flush subnormal floats to zero (``torch.set_flush_denormal``) inside the block when
     ``enabled``, and restore the caller's mode afterwards. Yields whether flushing is in force.
+    The same context ``HessianFree(flush_denormal=True)`` wraps its steps in.
 
     A recipe that compares optimizers on CPU time runs every optimizer under this: HessianFree
     flushes inside its steps by default, and a baseline left with subnormals (a saturated RNN's
-    vanishing gradients, Adam's second moments of them) would be charged x86's slow path, up to
-    ~10x per update in the RNN runs, for no difference in the arithmetic that matters."""
-    import torch
+    vanishing gradients, Adam's second moments of them) would be charged x86's slow path, 5.7x
+    per Adam update measured in the RNN recipe, for no difference in the arithmetic that matters."""
+    from torch_hf.optimizer import _denormals_flushed
 
-    # torch has no getter for the mode: with flush-to-zero a float32 subnormal times one is zero
-    already = float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
-    if not enabled or already:
-        yield already
-        return
-    supported = torch.set_flush_denormal(True)
-    try:
-        yield supported
-    finally:
-        if supported:
-            torch.set_flush_denormal(False)
+    return _denormals_flushed(enabled)
 
 
 def output_paths(out: str | Path, stem: str) -> tuple[Path, Path]:

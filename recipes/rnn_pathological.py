@@ -430,8 +430,8 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Pa
 
     On CPU every optimizer trains with subnormals flushed to zero unless
     ``cfg["keep_subnormals"]`` (``final["subnormals_flushed"]`` records it): HessianFree flushes
-    inside its steps anyway, and a baseline left on x86's subnormal path pays up to ~10x per
-    update once its gradients vanish, which an equal-CPU-time comparison would charge to it.
+    inside its steps anyway, and a baseline left on x86's subnormal path pays several times per
+    update once its gradients vanish (5.7x measured, docs/rnns.md), which an equal-CPU-time comparison would charge to it.
     """
     flush = torch.device(cfg["device"]).type == "cpu" and not cfg.get("keep_subnormals")
     with subnormals_flushed(flush) as flushing:

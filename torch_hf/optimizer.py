@@ -733,15 +733,17 @@ def cg_backtracking(iterates: list[Tensor], objective: Callable[[Tensor], float]
 @contextlib.contextmanager
 def _denormals_flushed(enabled: bool):
     """Flush subnormal floats to zero inside the block (CPU), restoring the caller's mode.
+    Yields whether flushing is in force inside the block.
 
     torch has no getter for the mode, so it is read off one multiplication: with
     flush-to-zero a float32 subnormal times one is zero."""
-    if not enabled or _flushing_denormals():
-        yield
+    already = _flushing_denormals()
+    if not enabled or already:
+        yield already
         return
     supported = torch.set_flush_denormal(True)
     try:
-        yield
+        yield supported
     finally:
         if supported:
             torch.set_flush_denormal(False)
