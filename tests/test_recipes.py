@@ -457,6 +457,12 @@ def test_rnn_summary_counts_solved_seeds_and_median_time():
     table = rp.summarize([run("hf", 0, "solved", 100, 10), run("hf", 1, "solved", 300, 30), run("hf", 2, "solved", 200, 20),
                           run("adam", 0, "budget", 3600, 9000)])
     assert "| addition | 100 | 3/3 | 200 s, 20 | 0/1 | none in 3,600 s (best test error 0.500) | solved |" in table
+    # the median runs over every seed: two solved of three give the slower solve,
+    # one solved of three gives no median time
+    table = rp.summarize([run("hf", 0, "solved", 100, 10), run("hf", 1, "budget", 3600, 99), run("hf", 2, "solved", 300, 30),
+                          run("adam", 0, "budget", 3600, 9000), run("adam", 1, "solved", 1560, 5000),
+                          run("adam", 2, "budget", 3600, 9100)])
+    assert "| addition | 100 | 2/3 | 300 s, 30 | 1/3 | median seed unsolved; solved at 1,560 s (5,000) | solved |" in table
 
 
 def test_hf_vs_adam_benchmark_job_and_report():
