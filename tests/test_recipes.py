@@ -456,7 +456,12 @@ def test_rnn_summary_counts_solved_seeds_and_median_time():
 
     table = rp.summarize([run("hf", 0, "solved", 100, 10), run("hf", 1, "solved", 300, 30), run("hf", 2, "solved", 200, 20),
                           run("adam", 0, "budget", 3600, 9000)])
-    assert "| addition | 100 | 3/3 | 200 s, 20 | 0/1 | none in 3,600 s (best test error 0.500) | solved |" in table
+    assert "| addition | 100 | 3/3 | 200 s, 20 | 0/1 | none in 3,600 s (final test error 0.500) | solved |" in table
+    # a run that came close and fell back names the lowest error it reached
+    close = run("adam", 1, "budget", 3000, 8000)
+    close["history"] = [{"test_error": 0.7}, {"test_error": 0.154}, {"test_error": None}, {"test_error": 0.722}]
+    table = rp.summarize([run("hf", 0, "solved", 100, 10), run("adam", 0, "budget", 3600, 9000), close])
+    assert "| 0/2 | none in 3,600 s (final test error 0.500; lowest on the way 0.154) |" in table
     # the median runs over every seed: two solved of three give the slower solve,
     # one solved of three gives no median time
     table = rp.summarize([run("hf", 0, "solved", 100, 10), run("hf", 1, "budget", 3600, 99), run("hf", 2, "solved", 300, 30),
