@@ -620,7 +620,7 @@ def run_stem(task: str, T: int, optimizer: str, seed: int, tag: str | None = Non
 
 def summarize(results: list[dict]) -> str:
     """A markdown table: per task, T and optimizer, the seeds solved, and the median CPU (or
-    wall) time and updates to solve over all of the row's seeds, an unsolved seed counting as
+    wall) time to solve over all of the row's seeds and that seed's updates, an unsolved seed counting as
     slower than any solved one (the upper median: over two seeds, the slower). Where the
     median seed did not solve, the cell says so and lists the solved seeds' times; where no
     seed solved, it gives the lowest final test error and, where more than 10% lower, the lowest
@@ -647,9 +647,9 @@ def summarize(results: list[dict]) -> str:
                 rate += " (lr " + ", ".join(f"{lr:g}" for lr in sorted(lrs)) + ")"
             middle = len(runs) // 2
             if middle < len(solved):
-                t = sorted(f["time_s"] for f in solved)[middle]
-                n = sorted(f["iterations"] for f in solved)[middle]
-                timing = f"{t:,.0f} s, {n:,}"
+                # time and updates of the same (median) seed, not two separate medians
+                f = sorted(solved, key=lambda f: f["time_s"])[middle]
+                timing = f"{f['time_s']:,.0f} s, {f['iterations']:,}"
             elif solved:
                 # a median over the solved seeds alone would flatter a 1-of-3 row
                 each = ", ".join(f"{f['time_s']:,.0f} s ({f['iterations']:,})"

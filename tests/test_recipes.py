@@ -468,6 +468,9 @@ def test_rnn_summary_counts_solved_seeds_and_median_time():
                           run("adam", 0, "budget", 3600, 9000), run("adam", 1, "solved", 1560, 5000),
                           run("adam", 2, "budget", 3600, 9100)])
     assert "| addition | 100 | 2/3 | 300 s, 30 | 1/3 | median seed unsolved; solved at 1,560 s (5,000) | solved |" in table
+    # time and updates come from the same seed (here the faster seed took more updates)
+    table = rp.summarize([run("hf", 0, "solved", 136, 11), run("hf", 1, "solved", 270, 20), run("hf", 2, "solved", 384, 16)])
+    assert "| addition | 100 | 3/3 | 270 s, 20 |" in table
 
 
 def test_hf_vs_adam_benchmark_job_and_report():
