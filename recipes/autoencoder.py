@@ -1,6 +1,7 @@
 """Deep autoencoders of Martens (2010), trained with HF or a first-order baseline.
 
     python recipes/autoencoder.py                      # CURVES, HF, default time budget
+    python recipes/autoencoder.py --optimizer all      # HF, then Adam (lr 1e-3), the same budget each
     python recipes/autoencoder.py --optimizer adam --lr 1e-3
     python recipes/autoencoder.py --dataset mnist --data-dir ~/mnist
     python recipes/autoencoder.py --full               # the paper's schedule, no time budget
@@ -22,6 +23,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +39,13 @@ from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa
 from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, progress_bar,  # noqa: E402
                           save_results, subnormals_flushed)
 from recipes.plot import output_paths as _output_paths  # noqa: E402
+from recipes.cli import add_overwrite_option, curvature_batch, refuse_overwrite, time_report  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
+DEFAULT_CURVATURE_BATCH = 250
+# What `--optimizer all` printed with the defaults on a 2-core x86 CPU (docs/autoencoders.md).
+EXPECTED = ("Expected with the defaults (2-core x86 CPU, docs/autoencoders.md): HF train error about 8, Adam about "
+            "2.5 at 480 s: on CURVES Adam is ahead, as the README's table says.")
 LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
 DEFAULTS = {  # per optimizer: batch size, learning rate
     "hf": {"batch_size": 1000, "lr": 1.0},
@@ -53,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Default: CURVES with HF for a {DEFAULT_TIME_BUDGET:.0f} s training-time budget (about 10 minutes "
                "in all on a 2-core CPU, data generation and evaluations included).")
     ap.add_argument("--dataset", choices=["curves", "mnist"], default="curves")
-    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
+    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd", "all"], default="hf",
+                    help="all: HF, then Adam at its tuned learning rate (1e-3, batch 200), each with the same "
+                         "budget, and a table of both")
     ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
                     help=f"seconds of training (evaluation excluded); 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
     add_clock_option(ap)
@@ -64,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "budget, 1000 iterations unless --max-iters")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="gradient minibatch (default: hf 1000, adam/sgd 200); 0 means the whole training set")
-    ap.add_argument("--curvature-batch-size", type=int, default=250,
-                    help="HF curvature minibatch, a subset of the gradient batch (§12.1; default 250)")
+    ap.add_argument("--curvature-batch-size", type=int, default=None,
+                    help="HF curvature minibatch, a subset of the gradient batch (§12.1; default 250, or the "
+                         "gradient batch if smaller; a larger size than the gradient batch is refused)")
     ap.add_argument("--cg-max-iters", type=int, default=None, help="HF: most CG iterations (library default 250)")
     ap.add_argument("--cg-tol", type=float, default=None,
                     help="HF: relative-progress tolerance of CG (library default 5e-4; 0 runs every CG step)")
@@ -85,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test-size", type=int, default=None, help="use only this many test cases")
     ap.add_argument("--eval-every", type=float, default=None,
                     help="seconds of training between evaluations (default: budget/40, or every 10 iterations)")
-    ap.add_argument("--data-dir", default=None, help="MNIST IDX directory; cache directory for CURVES")
+    ap.add_argument("--data-dir", default=None,
+                    help="MNIST: the directory holding the IDX files (train-images-idx3-ubyte[.gz], "
+                         "t10k-images-idx3-ubyte[.gz]; with --download, where they are downloaded to). CURVES: "
+                         "an existing directory to cache the generated data in (default $TORCH_HF_DATA or "
+                         "~/.cache/torch_hf, created if missing)")
     ap.add_argument("--download", action="store_true", help="MNIST: let torchvision download the IDX files")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--distributed", action="store_true",
@@ -101,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="directory for the JSON and PNG (default results/), or a .json file path")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite_option(ap)
     return ap
 
 
@@ -180,6 +195,7 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
 
 
 def _train(cfg: dict, progress: bool) -> dict | None:
+    started = time.perf_counter()
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -211,10 +227,13 @@ def _train(cfg: dict, progress: bool) -> dict | None:
     torch.manual_seed(cfg["seed"])
     model = deep_autoencoder(LAYERS[cfg["dataset"]], generator=gen).to(device)
     batch = n if cfg["batch_size"] in (0, None) or cfg["batch_size"] >= n else cfg["batch_size"]
+    if cfg["batch_size"] not in (0, None) and cfg["batch_size"] > n and rank == 0:
+        print(f"--batch-size {cfg['batch_size']} is more than the {n} training cases: each update uses the whole "
+              "training set (recorded as gradient_batch)")
     if cfg["full"] and cfg["optimizer"] == "hf":
         curv_batch = max(1, n // 4)
-    else:
-        curv_batch = min(cfg["curvature_batch_size"], batch)
+    else:  # an explicit size above the gradient batch was refused by main(); here only the whole-set case caps it
+        curv_batch = min(cfg.get("curvature_batch_size") or DEFAULT_CURVATURE_BATCH, batch)
     wd = cfg["weight_decay"]
 
     if world > 1 and (batch % world or curv_batch % world):
@@ -235,6 +254,7 @@ def _train(cfg: dict, progress: bool) -> dict | None:
         raise SystemExit("give a --time-budget or --max-iters")
     eval_every = cfg.get("eval_every") or (budget / 40 if budget > 0 else None)
     history: list[dict] = []
+    eval_time = [0.0]
     perm = torch.randperm(n, generator=gen)
     cursor = 0
 
@@ -249,15 +269,17 @@ def _train(cfg: dict, progress: bool) -> dict | None:
         return x_train[idx]
 
     def evaluate(it: int, train_time: float, cases: int, extra: dict) -> dict:
+        t = time.perf_counter()
         train_loss, train_error = evaluate_set(model, x_train)
         row = {"iter": it, "time_s": round(train_time, 3), "epoch": cases / n, "train_loss": train_loss,
                "train_error": train_error, "test_error": evaluate_set(model, x_test)[1]}
         row.update(extra)
         history.append(row)
+        eval_time[0] += time.perf_counter() - t
         return row
 
     bar = progress_bar(progress, budget, max_iters, f"{cfg['dataset']} {cfg['optimizer']}")
-    train_time, cases, it, last_eval = 0.0, 0, 0, -math.inf
+    train_time, cases, it, last_eval, dt = 0.0, 0, 0, -math.inf, 0.0
     if rank == 0:
         evaluate(0, 0.0, 0, {})
     status = "budget"
@@ -331,8 +353,11 @@ def _train(cfg: dict, progress: bool) -> dict | None:
         evaluate(it, train_time, cases, {})
     final = dict(history[-1])
     final.update(iterations=it, status=status, parameters=sum(p.numel() for p in model.parameters()),
-                 train_cases=n, test_cases=len(x_test), torch_threads=torch.get_num_threads())
+                 train_cases=n, test_cases=len(x_test), torch_threads=torch.get_num_threads(),
+                 last_update_s=dt, evaluation_s=eval_time[0], elapsed_s=time.perf_counter() - started)
     cfg_out = {k: v for k, v in cfg.items() if k not in ("no_progress",)}
+    if cfg["optimizer"] == "hf":  # the sizes used, as the JSON's readers expect them
+        cfg_out["curvature_batch_size"] = curv_batch
     cfg_out.update(gradient_batch=batch, curvature_batch=curv_batch if cfg["optimizer"] == "hf" else None)
     return {"config": cfg_out, "history": history, "final": final}
 
@@ -372,24 +397,73 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
     return _output_paths(cfg["out"], stem)
 
 
-def main(argv=None) -> dict | None:
+def _check_data(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--data-dir`` as its help says, or a one-line error naming what is missing."""
+    if args.dataset == "curves":
+        if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+            ap.error(f"--data-dir {args.data_dir}: no such directory (for CURVES it is the cache directory of the "
+                     "generated data; create it, or leave the option out to use ~/.cache/torch_hf)")
+        return
+    if args.data_dir is None:
+        ap.error("--dataset mnist needs --data-dir, the directory holding the MNIST IDX files "
+                 "(add --download to let torchvision fetch them there)")
+    if args.download:
+        return
+    from recipes.data import _find
+
+    try:
+        for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+            _find(Path(args.data_dir).expanduser(), stem)
+    except FileNotFoundError as exc:
+        ap.error(str(exc))
+
+
+def main(argv=None) -> dict | list[dict] | None:
     ap = build_parser()
     args = ap.parse_args(argv)
     check_args(ap, args, positive=("curvature_batch_size", "cg_max_iters", "max_iters", "train_size", "test_size",
                                    "eval_every", "threads", "lr"),
                non_negative=("batch_size", "time_budget", "cg_tol", "damping", "cg_decay", "momentum",
                              "weight_decay", "preconditioner_decay"))
-    cfg = _config(args)
-    output_paths(cfg)  # a bad --out fails now, not after the run
-    result = run(cfg, progress=not args.no_progress)
-    if result is None:  # not rank 0 of a distributed run
-        return None
-    json_path, png_path = output_paths(cfg)
-    save_results(result, json_path, png_path, title=f"{cfg['dataset'].upper()} autoencoder, {cfg['optimizer']}")
-    f = result["final"]
-    print(f"{cfg['optimizer']} on {cfg['dataset']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
-          f"train error {f['train_error']:.4f}, test error {f['test_error']:.4f} -> {json_path}, {png_path}")
-    return result
+    _check_data(ap, args)
+    if args.optimizer == "all":
+        if args.distributed:
+            ap.error("--distributed runs HF only: give --optimizer hf")
+        if args.lr is not None:
+            ap.error("--optimizer all runs each optimizer at its own default learning rate: leave out --lr")
+        if Path(args.out).suffix.lower() == ".json":
+            ap.error("--optimizer all writes one file per run: give --out a directory")
+    names = ["hf", "adam"] if args.optimizer == "all" else [args.optimizer]
+    cfgs = [_config(argparse.Namespace(**dict(vars(args), optimizer=name))) for name in names]
+    for cfg in cfgs:
+        if cfg["optimizer"] == "hf" and not cfg["full"] and cfg["batch_size"]:
+            curvature_batch(ap, cfg["curvature_batch_size"], cfg["batch_size"], DEFAULT_CURVATURE_BATCH)
+    # a bad --out, or results of an earlier run, stop now, not after the run
+    refuse_overwrite(ap, [p for cfg in cfgs for p in output_paths(cfg)], args.overwrite)
+    results = []
+    for cfg in cfgs:
+        result = run(cfg, progress=not args.no_progress)
+        if result is None:  # not rank 0 of a distributed run
+            return None
+        json_path, png_path = output_paths(cfg)
+        save_results(result, json_path, png_path,
+                     title=f"{cfg['dataset'].upper()} autoencoder, {cfg['optimizer']}: reconstruction error")
+        f = result["final"]
+        print(f"{cfg['optimizer']} on {cfg['dataset']}: {f['iterations']} updates, train error {f['train_error']:.4f}, "
+              f"test error {f['test_error']:.4f} ({time_report(f, cfg['time_budget'], cfg.get('clock'))}) "
+              f"-> {json_path}, {png_path}")
+        results.append(result)
+    if len(results) == 1:
+        return results[0]
+    hf, adam = (r["final"] for r in results)
+    print(f"\n| {args.dataset} | updates | train error | test error |\n| --- | --- | --- | --- |")
+    for name, f in (("HF (library defaults)", hf), ("Adam, lr 1e-3", adam)):
+        print(f"| {name} | {f['iterations']} | {f['train_error']:.4g} | {f['test_error']:.4g} |")
+    ratio = hf["train_error"] / adam["train_error"]
+    print(f"HF's train error is {ratio:.3g}× Adam's" + (" (HF ahead)" if ratio < 1 else " (Adam ahead)"))
+    if args.dataset == "curves" and args.time_budget == DEFAULT_TIME_BUDGET and not args.max_iters:
+        print(EXPECTED)
+    return results
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def _label(result: dict, path: str) -> str:
 
 
 def plot_results(paths: Sequence[str], out: str, title: str | None = None, metric: str = "train_error",
-                 dashed: str | None = "test_error") -> str:
-    """Write a PNG with ``metric`` (solid) and ``dashed`` (if not ``None``) against time and epochs."""
+                 dashed: str | None = "test_error", x2: tuple[str, str] | None = None) -> str:
+    """Write a PNG with ``metric`` (solid) and ``dashed`` (if not ``None``) against training
+    time and, on the right, against ``x2 = (history key, axis label)``: by default epochs
+    (thousands of sequences for the RNN recipe's fresh data)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +49,7 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
             continue
         color = f"C{i}"
         label = _label(result, path)
-        for ax, key in zip(axes, ("time_s", "epoch")):
+        for ax, key in zip(axes, ("time_s", x2[0] if x2 else "epoch")):
             ax.plot([r[key] for r in rows], [r[metric] for r in rows], color=color,
                     label=f"{label} {metric.split('_')[0]}")
             test = [r for r in rows if dashed is not None and r.get(dashed) is not None]
@@ -55,10 +57,13 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
                 ax.plot([r[key] for r in test], [r[dashed] for r in test], color=color, ls="--",
                         label=f"{label} {dashed.split('_')[0]}")
     clock = {"wall": "wall", "cpu": "CPU"}.get(clocks.pop(), "") if len(clocks) == 1 else "wall or CPU"
-    seen = "training sequences (thousands)" if fresh_data else "epochs"
+    seen = x2[1] if x2 else "training sequences (thousands)" if fresh_data else "epochs"
+    ylabel = metric.replace("_", " ")
+    if dashed is not None:
+        ylabel = f"{ylabel} (solid), {dashed.replace('_', ' ')} (dashed)"
     for ax, xlabel in zip(axes, (f"training {clock} time (s)", seen)):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylabel(ylabel)
         values = [y for line in ax.get_lines() for y in line.get_ydata()]
         if values and min(values) > 0:
             ax.set_yscale("log")
@@ -124,11 +129,11 @@ def plot_by_task(results: Sequence[dict], out: str | Path, order: Sequence[str] 
     return str(out)
 
 
-def add_clock_option(ap: argparse.ArgumentParser) -> None:
+def add_clock_option(ap: argparse.ArgumentParser, default: str = "wall") -> None:
     """The recipes' ``--clock`` option: what a ``--time-budget`` counts."""
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+    ap.add_argument("--clock", choices=["wall", "cpu"], default=default,
                     help="what the budget counts: wall time, or this process's CPU time (fair when other jobs "
-                         "share the machine; use with --threads)")
+                         f"share the machine; use with --threads; default {default})")
 
 
 def budget_clock(name: str | None) -> Callable[[], float]:

@@ -49,6 +49,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ if __package__ in (None, ""):
 import torch_hf  # noqa: E402
 from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, output_paths,  # noqa: E402
                           plot_by_task, save_results, subnormals_flushed, write_json)
+from recipes.cli import add_overwrite_option, curvature_batch, refuse_overwrite, time_report  # noqa: E402
 
 TASKS = ("addition", "multiplication", "xor", "temporal_order", "temporal_order3", "random_permutation",
          "memorization")
@@ -85,6 +87,9 @@ DEFAULT_INPUT_SCALE = 0.1
 # other tasks keep 1,000 / 250 and the progress test.
 HF_TASK_DEFAULTS = {"xor": {"batch_size": 16000, "curvature_batch_size": 1000, "cg_stop": "rate"}}
 HF_DEFAULTS = {"curvature_batch_size": 250, "cg_stop": "progress"}
+# What a default run gives on a 2-core x86 CPU (docs/rnns.md, one thread, CPU time).
+EXPECTED = ("Expected at T=100 (docs/rnns.md): HF solves addition in 700-2,000 s of CPU time (3 of 3 seeds), "
+            "Adam (lr 3e-4) on 1 seed of 3 in an hour; a shorter budget ends unsolved.")
 ORDER_WINDOWS = {2: ((0.1, 0.2), (0.4, 0.5)), 3: ((0.1, 0.2), (0.33, 0.43), (0.66, 0.76))}
 
 
@@ -200,32 +205,6 @@ def input_reach(task: str, input_scale: float, seed: int, T: int = 100, back: in
     return float(g[T - back].norm(dim=-1).mean())
 
 
-def _lanczos_extremes(mv, n: int, steps: int, gen: torch.Generator) -> tuple[float, float, torch.Tensor]:
-    """Smallest and largest Ritz values of a symmetric operator after ``steps`` Lanczos
-    steps with full reorthogonalisation (float64), and the unit Ritz vector of the smallest."""
-    q = torch.randn(n, generator=gen, dtype=torch.float64)
-    basis, alphas, betas = [q / q.norm()], [], []
-    prev, beta = torch.zeros_like(q), 0.0
-    for _ in range(min(steps, n)):
-        w = mv(basis[-1]) - beta * prev
-        alpha = float(w @ basis[-1])
-        for v in basis:
-            w = w - (w @ v) * v
-        alphas.append(alpha)
-        beta = float(w.norm())
-        if beta < 1e-10:
-            break
-        betas.append(beta)
-        prev = basis[-1]
-        basis.append(w / beta)
-    m = len(alphas)
-    off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz, vectors = torch.linalg.eigh(tri)
-    lowest = torch.stack(basis[:m], 1) @ vectors[:, 0]
-    return float(ritz[0]), float(ritz[-1]), lowest / lowest.norm()
-
-
 SADDLE_STEPS = (1e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -265,7 +244,8 @@ def saddle_report(state_path: str | Path, batches: int = 16, lanczos_steps: int 
     signal = max(float(mean @ mean) - noise**2 / batches, 0.0) ** 0.5
     b = generate(cfg["task"], T, size, gen)
     hessian = torch_hf.curvature.Hessian(params, lambda: batch_loss(b))
-    low, high, v = _lanczos_extremes(hessian.mv, hessian.numel, lanczos_steps, gen)
+    extremes = torch_hf.lanczos.lanczos_extremes(hessian.mv, hessian.numel, lanczos_steps, gen)
+    low, high, v = extremes.lowest, extremes.highest, extremes.lowest_vector
     if float(flat_grad(b) @ v) > 0:
         v = -v
     fresh = generate(cfg["task"], T, size, gen)
@@ -336,8 +316,12 @@ def task_error(kind: str, z: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"Default: addition at T=100 with HF for {DEFAULT_TIME_BUDGET:.0f} s.")
+    ap = argparse.ArgumentParser(description=__doc__.split("\nTasks (")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"Default: addition at T=100 with HF for {DEFAULT_TIME_BUDGET:.0f} s. A task is "
+                                        f"solved at < 1% test error. {EXPECTED} The tasks, the initialization and "
+                                        "the outputs: python -m pydoc recipes.rnn_pathological; the measured "
+                                        "tables: docs/rnns.md.")
     ap.add_argument("--task", choices=TASKS + ("all",), default="addition",
                     help="one task, or all: every task of --tasks x --optimizers x --seeds, --jobs at a time, "
                          "then a summary table (summary.md) and plot (summary.png) in --out")
@@ -361,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
                     help="print the summary table of saved runs (and write --out/summary.png) instead of training")
     ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
-    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd"], default="hf")
+    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd", "all"], default="hf",
+                    help="all: HF, then Adam (lr 1e-3 unless --lr), the same budget each, and both results")
     ap.add_argument("--hidden", type=int, default=100)
     ap.add_argument("--input-scale", type=float, default=DEFAULT_INPUT_SCALE,
                     help=f"scale of the initial input-to-hidden weights (default {DEFAULT_INPUT_SCALE}; 1 is the "
@@ -406,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    add_overwrite_option(ap)
     ap.add_argument("--resume", action="store_true",
                     help="continue the run saved in <stem>.pt beside the JSON (written at every evaluation) up "
                          "to this call's --time-budget / --max-iters; the settings that shape training must match")
@@ -415,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Settings a resumed run may change: how long, how often it reports, where, on how many threads,
 # and how fast the CPU treats subnormals (a speed setting, as the thread count is).
 RESUMABLE_CHANGES = frozenset({"time_budget", "max_iters", "eval_every", "out", "threads", "no_progress", "resume",
-                               "device", "keep_subnormals"})
+                               "device", "keep_subnormals", "overwrite"})
 
 
 def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Path | None = None) -> dict:
@@ -441,6 +427,7 @@ def run(cfg: dict, progress: bool = True, on_evaluate=None, state_path: str | Pa
 
 
 def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None) -> dict:
+    started, eval_time = time.perf_counter(), [0.0]
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -484,6 +471,7 @@ def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None
         return closure
 
     def evaluate(it: int, train_time: float, cases: int, extra: dict) -> dict:
+        t = time.perf_counter()
         with torch.no_grad():
             _, out = forward(model, test.x, readout=readout_steps(kind))
             loss, z = task_loss(kind, out, test.y)
@@ -493,6 +481,7 @@ def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None
                "test_loss": float(loss), "test_error": task_error(kind, z, test.y)}
         row.update(extra)
         history.append(row)
+        eval_time[0] += time.perf_counter() - t
         return row
 
     budget, max_iters = cfg["time_budget"] or 0.0, cfg.get("max_iters")
@@ -506,8 +495,10 @@ def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=budget if budget > 0 else max_iters, desc=f"{task} T={T} {cfg['optimizer']}",
-                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}{postfix}]")
-    train_time, cases, it, last_eval, solved_at, status = 0.0, 0, 0, 0.0, None, "budget"
+                   dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}" + (" s training" if budget > 0 else "")
+                              + " [{elapsed}{postfix}]")
+    train_time, cases, it, last_eval, solved_at, status, dt = 0.0, 0, 0, 0.0, None, "budget", 0.0
     if cfg.get("resume"):
         if state_path is None or not Path(state_path).exists():
             raise SystemExit(f"--resume: no saved state at {state_path}")
@@ -606,7 +597,8 @@ def _train(cfg: dict, progress: bool, on_evaluate, state_path: str | Path | None
         save_state(status)
     final = dict(history[-1])
     final.update(iterations=it, status=status, solved=status == "solved", solved_at_s=solved_at,
-                 torch_threads=torch.get_num_threads())
+                 torch_threads=torch.get_num_threads(), last_update_s=dt, evaluation_s=eval_time[0],
+                 elapsed_s=time.perf_counter() - started)
     return {"config": dict(cfg), "history": history, "final": final}
 
 
@@ -686,12 +678,12 @@ def _pending_run(path: Path, command: list[str], lr: float | None, time_budget: 
     saved = json.loads(path.read_text())
     status, was = saved["final"].get("status"), saved["config"]
     if lr is not None and was.get("lr") != lr:
-        return command  # another learning rate: start over
+        return command + ["--overwrite"]  # another learning rate: start over
     short = ((status == "budget" and (was.get("time_budget") or 0) < time_budget)
              or (status == "max_iters" and (was.get("max_iters") or 0) < max_iters))
     if status in ("solved", "diverged", "budget", "max_iters") and not short:
         return None
-    return command + (["--resume"] if path.with_suffix(".pt").exists() else [])
+    return command + (["--resume"] if path.with_suffix(".pt").exists() else ["--overwrite"])
 
 
 def _run_queue(queue: list[list[str]], jobs: int, desc: str, quiet: bool) -> None:
@@ -754,7 +746,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     # The options every run shares: argv without the driver's own.
     own = {"--task", "--tasks", "--optimizers", "--seeds", "--jobs", "--optimizer", "--seed", "--out", "--threads",
-           "--resume", "--lrs", "--tune-budget", "--tag"}
+           "--resume", "--lrs", "--tune-budget", "--tag", "--overwrite"}
     shared, skip = [], False
     for a in argv:
         if skip and not a.startswith("--"):
@@ -829,6 +821,8 @@ def main(argv=None) -> dict | list[dict]:
                                    "cg_max_iters", "test_size", "eval_every", "threads", "lr", "jobs",
                                    "trust_radius"),
                non_negative=("time_budget", "cg_tol", "damping", "mu", "momentum", "clip", "tune_budget"))
+    if args.T < 12:
+        ap.error(f"--T must be at least 12 (the tasks place their markers in fixed fractions of T), got {args.T}")
     if args.saddle:
         report = saddle_report(args.saddle)
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
@@ -853,20 +847,46 @@ def main(argv=None) -> dict | list[dict]:
             print(plot_summary(results, Path(args.out) / "summary.png"))
         return results
     if args.task == "all":
+        if args.optimizer == "all":
+            ap.error("--task all takes its optimizers from --optimizers")
         return run_all(args, argv)
-    cfg = vars(args).copy()
-    for key in ("tasks", "optimizers", "seeds", "jobs", "summary", "lrs", "tune_budget"):
-        cfg.pop(key)
-    stem = run_stem(cfg["task"], cfg["T"], cfg["optimizer"], cfg["seed"], cfg["tag"])
-    json_path, png_path = output_paths(cfg["out"], stem)
-    result = run(cfg, progress=not args.no_progress, on_evaluate=lambda partial: write_json(partial, json_path),
-                 state_path=json_path.with_suffix(".pt"))
-    save_results(result, json_path, png_path, title=f"{cfg['task']} T={cfg['T']}, "
-                 f"{cfg['optimizer']}", metric="test_error", dashed=None)
-    f = result["final"]
-    print(f"{cfg['optimizer']} on {cfg['task']} T={cfg['T']}: {f['iterations']} iterations, {f['time_s']:.0f} s, "
-          f"test error {f['test_error']:.4f} ({f['status']}) -> {json_path}, {png_path}")
-    return result
+    if args.optimizer == "all" and args.resume:
+        ap.error("--resume continues one run: give --optimizer hf or adam")
+    cfgs = []
+    for name in (("hf", "adam") if args.optimizer == "all" else (args.optimizer,)):
+        cfg = dict(vars(args), optimizer=name, lr=None if name == "hf" else args.lr)
+        for key in ("tasks", "optimizers", "seeds", "jobs", "summary", "lrs", "tune_budget"):
+            cfg.pop(key)
+        if name == "hf" and args.curvature_batch_size is not None:
+            batch = args.batch_size or HF_TASK_DEFAULTS.get(args.task, {}).get("batch_size", 1000)
+            curvature_batch(ap, args.curvature_batch_size, batch, HF_DEFAULTS["curvature_batch_size"])
+        cfgs.append(cfg)
+    paths = [output_paths(c["out"], run_stem(c["task"], c["T"], c["optimizer"], c["seed"], c["tag"])) for c in cfgs]
+    if not args.resume:  # --resume continues the files that are there
+        refuse_overwrite(ap, [p for pair in paths for p in (*pair, pair[0].with_suffix(".pt"))], args.overwrite)
+    results = []
+    for cfg, (json_path, png_path) in zip(cfgs, paths):
+        result = run(cfg, progress=not args.no_progress,
+                     on_evaluate=lambda partial, path=json_path: write_json(partial, path),
+                     state_path=json_path.with_suffix(".pt"))
+        save_results(result, json_path, png_path, title=f"{cfg['task']} T={cfg['T']}, "
+                     f"{cfg['optimizer']}: test error", metric="test_error", dashed=None)
+        print(f"{cfg['optimizer']} on {cfg['task']} T={cfg['T']}: {outcome(result['final'])} after "
+              f"{result['final']['iterations']} updates ({time_report(result['final'], cfg['time_budget'], cfg['clock'])})"
+              f" -> {json_path}, {png_path}")
+        results.append(result)
+    if len(results) > 1 or args.time_budget == DEFAULT_TIME_BUDGET:
+        print(EXPECTED)
+    return results[0] if len(results) == 1 else results
+
+
+def outcome(final: dict) -> str:
+    """Solved or not, in words, with the criterion."""
+    if final.get("status") == "solved":
+        return f"solved at {final['solved_at_s']:.0f} s (test error {final['test_error']:.4f} < 0.01)"
+    why = {"diverged": "diverged", "interrupted": "interrupted", "max_iters": "--max-iters reached"}
+    return (f"not solved: test error {final['test_error']:.4f}, needs < 0.01"
+            + (f" ({why[final['status']]})" if final.get("status") in why else ""))
 
 
 if __name__ == "__main__":

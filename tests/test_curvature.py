@@ -155,6 +155,18 @@ def test_non_scalar_loss_raises(mlp):
         torch_hf.GGN(mlp.params, lambda: (mlp.model(mlp.x) ** 2, mlp.model(mlp.x)))
 
 
+def test_a_closure_returning_outputs_then_loss_is_told_to_swap_them(mlp):
+    def swapped():
+        z = mlp.model(mlp.x)
+        return z, mlp.loss_fn(z)
+
+    with pytest.raises(ClosureError, match=r"seems to return \(outputs, loss\); return \(loss, outputs\)"):
+        torch_hf.GGN(mlp.params, swapped)
+    with pytest.raises(ClosureError) as not_swapped:  # a non-scalar loss with non-scalar outputs: no such hint
+        torch_hf.GGN(mlp.params, lambda: (mlp.model(mlp.x) ** 2, mlp.model(mlp.x)))
+    assert "seems to return" not in str(not_swapped.value)
+
+
 def test_outputs_not_depending_on_parameters_raise(mlp):
     def closure():
         z = mlp.model(mlp.x)

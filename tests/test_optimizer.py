@@ -2,6 +2,8 @@
 import copy
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,6 +298,34 @@ def test_non_finite_loss_at_start_raises_and_leaves_parameters_untouched():
     assert opt.last_step.accepted
 
 
+def test_a_non_finite_value_names_the_closure_it_came_from():
+    model, closure_for = _small_autoencoder()
+    good = closure_for(model)
+    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    before = _params_of(model)
+
+    def nan_loss():
+        loss, z = good()
+        return loss * float("nan"), z
+
+    with pytest.raises(NonFiniteLossError, match=r"^curvature_closure \(the curvature batch\): .*non-finite loss"):
+        opt.step(good, nan_loss)
+    with pytest.raises(NonFiniteLossError, match=r"^closure \(the gradient batch\): .*non-finite loss"):
+        opt.step(nan_loss, good)
+    with pytest.raises(NonFiniteLossError, match=r"^the closure returned a non-finite loss"):
+        opt.step(nan_loss)
+
+    def nan_gradient():  # a finite loss whose gradient is not: sqrt at 0
+        loss, z = good()
+        return loss + torch.sqrt(model[0].weight[0, 0] * 0.0), z
+
+    with pytest.raises(NonFiniteLossError, match=r"^closure \(the gradient batch\): the gradient"):
+        opt.step(nan_gradient, good)
+    assert _same(model, before)
+    opt.step(good)  # still usable
+    assert opt.last_step.accepted
+
+
 def test_non_finite_trial_points_are_rejected_and_parameters_restored_exactly():
     model, closure_for = _small_autoencoder()
     good = closure_for(model)
@@ -556,18 +586,81 @@ def test_history_is_bounded():
         HessianFree(model.parameters(), history_size=-1)
 
 
-def test_steps_below_the_loss_resolution_leave_lambda_alone_and_warn_once():
+def _in_a_row(opt) -> int:
+    """How many of the latest steps in a row had ρ below the loss's resolution."""
+    count = 0
+    for d in reversed(opt.history):
+        if d.rho_informative:
+            break
+        count += 1
+    return count
+
+
+def test_at_a_minimum_steps_below_the_loss_resolution_say_converged_and_do_not_warn():
     lin, a, y, closure = _least_squares()
     opt = HessianFree(lin.parameters(), preconditioner=Identity(), damping=Tikhonov(1e-8), cg_max_iters=50)
     for _ in range(3):
         opt.step(closure)  # reaches the least-squares optimum
     lam = opt.damping.value
-    with pytest.warns(RuntimeWarning, match="float resolution.*sparse_init_") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged run is not something to warn about
         for _ in range(5):
             opt.step(closure)
             assert not opt.last_step.rho_informative
             assert opt.damping.value == lam  # ρ is rounding noise here: λ must not grow on it
+            in_a_row = _in_a_row(opt)
+            assert opt.last_step.converged == (in_a_row >= 3)  # the verdict needs three such steps
+    assert in_a_row >= 5 and opt.last_step.stall == "converged"
+    solution = torch.linalg.lstsq(a, y).solution.reshape(-1)
+    assert float((lin.weight.detach().reshape(-1) - solution).abs().max()) < 1e-12
+
+
+def _saddle_problem():
+    """A tanh network with every weight zero: the gradient is exactly zero (the targets have
+    zero mean), the GGN sees only the output bias, and the Hessian couples the two layers'
+    weights into directions of negative curvature."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = x[:, :1] - x[:, :1].mean()
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    for p in model.parameters():
+        nn.init.zeros_(p)
+
+    def closure():
+        z = model(x)
+        return 0.5 * ((z - y) ** 2).mean(), z
+
+    return model, closure
+
+
+def test_a_stall_at_a_saddle_point_warns_once_and_is_not_called_converged():
+    model, closure = _saddle_problem()
+    opt = HessianFree(model.parameters(), preconditioner=Identity())
+    with pytest.warns(RuntimeWarning, match="saddle point.*float resolution.*sparse_init_") as record:
+        for _ in range(5):
+            opt.step(closure)
+            assert not opt.last_step.rho_informative and not opt.last_step.converged
+    assert opt.last_step.stall == "saddle"
     assert len([w for w in record if "float resolution" in str(w.message)]) == 1
+
+
+def test_a_stall_on_a_plateau_of_saturated_units_warns():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    hidden, readout = nn.Linear(2, 3).double(), nn.Linear(3, 1).double()
+    with torch.no_grad():
+        hidden.weight.fill_(1e3)  # tanh saturates to ±1 exactly: no gradient, no curvature
+        hidden.bias.zero_()
+
+    def closure():
+        z = readout(torch.tanh(hidden(x)))
+        return 0.5 * ((z - x[:, 1:]) ** 2).mean(), z
+
+    opt = HessianFree(hidden.parameters(), preconditioner=Identity())
+    with pytest.warns(RuntimeWarning, match="plateau"):
+        for _ in range(3):
+            opt.step(closure)
+    assert opt.last_step.stall == "plateau" and not opt.last_step.converged
 
 
 def test_informative_steps_still_update_lambda():

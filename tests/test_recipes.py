@@ -10,6 +10,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _run(tmp_path, optimizer, extra=()):
+    (tmp_path / "cache").mkdir(exist_ok=True)
     argv = ["--optimizer", optimizer, "--max-iters", "2", "--time-budget", "0", "--train-size", "120",
             "--test-size", "40", "--batch-size", "60", "--curvature-batch-size", "30", "--cg-max-iters", "4",
             "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress", *extra]
@@ -98,6 +99,7 @@ def test_autoencoder_recipe_under_torchrun(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = Path(autoencoder.__file__).resolve()
+    (tmp_path / "cache").mkdir()
     common = ["--max-iters", "2", "--time-budget", "0", "--train-size", "120", "--test-size", "40", "--batch-size",
               "60", "--curvature-batch-size", "30", "--cg-max-iters", "4", "--no-progress", "--threads", "1",
               "--data-dir", str(tmp_path / "cache")]
@@ -188,7 +190,7 @@ def test_rnn_task_defaults_apply_unless_the_cli_overrides_them(tmp_path):
     from recipes import rnn_pathological as rp
 
     common = ["--T", "12", "--hidden", "6", "--max-iters", "1", "--time-budget", "0", "--cg-max-iters", "2",
-              "--test-size", "20", "--out", str(tmp_path), "--no-progress"]
+              "--test-size", "20", "--out", str(tmp_path), "--no-progress", "--overwrite"]
     xor = rp.main(["--task", "xor", *common])["config"]
     assert (xor["batch_size"], xor["curvature_batch_size"], xor["cg_stop"]) == (16000, 1000, "rate")
     mine = rp.main(["--task", "xor", "--batch-size", "30", "--cg-stop", "progress", *common])["config"]
@@ -566,7 +568,7 @@ def test_other_recipes_flush_subnormals_unless_kept(tmp_path, recipe, flush_supp
     from recipes import scientific
 
     for keep in (False, True):
-        extra = ["--keep-subnormals"] if keep else []
+        extra = ["--keep-subnormals", "--overwrite"] if keep else []
         if recipe == "autoencoder":
             final = _run(tmp_path, "adam", extra)["final"]
         else:
@@ -590,3 +592,91 @@ def test_subnormals_benchmark_times_an_adam_update_from_a_saved_rnn_run(tmp_path
     assert not _flushing_subnormals()
     with pytest.raises(SystemExit, match="saved Adam run"):
         rnn_adam_update(str(tmp_path / "rnn_temporal_order_T12_hf_seed0.pt"), reps=1)
+
+
+# -- what the recipes tell their user -------------------------------------------------
+
+def test_a_curvature_batch_larger_than_the_gradient_batch_is_refused_not_clamped(tmp_path, capsys):
+    from recipes import rnn_pathological as rp
+
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path, "hf", ["--batch-size", "60", "--curvature-batch-size", "100"])
+    assert exc.value.code == 2
+    assert "--curvature-batch-size 100 is larger than the gradient batch (60)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+    with pytest.raises(SystemExit):
+        rp.main(["--task", "addition", "--T", "12", "--batch-size", "20", "--curvature-batch-size", "40",
+                 "--max-iters", "1", "--out", str(tmp_path / "rnn"), "--no-progress"])
+    assert "larger than the gradient batch (20)" in capsys.readouterr().err
+    # the size used is what the JSON records
+    saved = _run(tmp_path, "hf", ["--batch-size", "40", "--curvature-batch-size", "20"])["config"]
+    assert (saved["gradient_batch"], saved["curvature_batch"], saved["curvature_batch_size"]) == (40, 20, 20)
+
+
+def test_recipes_do_not_overwrite_earlier_results_without_overwrite(tmp_path, capsys):
+    from recipes import scientific
+
+    first = _run(tmp_path, "adam")
+    json_path = tmp_path / "out" / "autoencoder_curves_adam_seed0.json"
+    before = json_path.read_text()
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path, "adam")
+    assert exc.value.code == 2 and "exists from an earlier run" in capsys.readouterr().err
+    assert json_path.read_text() == before
+    again = _run(tmp_path, "adam", ["--overwrite"])
+    assert again["final"]["iterations"] == first["final"]["iterations"]
+    _run(tmp_path, "adam", ["--tag", "second"])  # a new name writes beside it
+    assert (tmp_path / "out" / "autoencoder_curves_adam_seed0_second.json").exists()
+    argv = ["--problem", "regression", "--optimizer", "adam", "--max-iters", "1", "--time-budget", "0",
+            "--out", str(tmp_path / "sci"), "--no-progress"]
+    scientific.main(argv)
+    with pytest.raises(SystemExit):
+        scientific.main(argv)
+
+
+def test_data_dir_mistakes_are_one_line_cli_errors(tmp_path, capsys):
+    for argv, says in ((["--dataset", "mnist", "--data-dir", str(tmp_path / "none")], "train-images-idx3-ubyte"),
+                       (["--dataset", "mnist"], "needs --data-dir"),
+                       (["--data-dir", str(tmp_path / "none")], "no such directory")):
+        with pytest.raises(SystemExit) as exc:
+            autoencoder.main(argv + ["--max-iters", "1", "--out", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()  # the CURVES cache is not created at a mistyped path
+
+
+def test_an_rnn_run_says_whether_it_solved_the_task_and_by_what_criterion(tmp_path, capsys):
+    from recipes import rnn_pathological as rp
+
+    rp.main(["--task", "addition", "--T", "12", "--hidden", "4", "--max-iters", "1", "--time-budget", "0",
+             "--batch-size", "20", "--curvature-batch-size", "10", "--cg-max-iters", "2", "--test-size", "20",
+             "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "not solved: test error" in out and "needs < 0.01" in out
+    assert rp.outcome({"status": "solved", "solved_at_s": 12.0, "test_error": 0.004}).startswith("solved at 12 s")
+
+
+def test_the_time_report_explains_a_budget_overrun_and_the_time_not_counted():
+    from recipes.cli import time_report
+
+    text = time_report({"time_s": 37.2, "last_update_s": 11.0, "evaluation_s": 3.0, "elapsed_s": 45.0}, 30, "cpu")
+    assert "37 s of training (CPU time), 7 s past the 30 s budget: an update is never cut short" in text
+    assert "the last one took 11 s" in text and "3 s of evaluation" in text and "45 s wall time" in text
+    assert "past" not in time_report({"time_s": 30.4, "evaluation_s": 1.0}, 30, "wall")
+
+
+def test_plots_label_what_they_draw(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from recipes import scientific
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    _run(tmp_path, "adam")
+    left, right = figures[-1].axes
+    assert left.get_ylabel() == "train error (solid), test error (dashed)" and right.get_xlabel() == "epochs"
+    scientific.main(["--problem", "pinn", "--optimizer", "hf", "--max-iters", "2", "--time-budget", "0",
+                     "--out", str(tmp_path / "sci"), "--no-progress"])
+    left, right = figures[-1].axes
+    assert left.get_ylabel() == "test error" and right.get_xlabel() == "updates"
+    assert left.get_xlabel() == "training CPU time (s)"

@@ -68,8 +68,8 @@ def _as_param_list(params: Iterable[Tensor]) -> list[Tensor]:
     return plist
 
 
-_CLOSURE_CONTRACT = """HessianFree differentiates the closure itself: it must not call backward() and it returns
-the network outputs with the loss. The usual PyTorch closure
+_CLOSURE_CONTRACT = """HessianFree differentiates the closure itself: it must not call backward(), and it returns the network outputs with the loss.
+The usual PyTorch closure
 
     def closure():
         optimizer.zero_grad()
@@ -130,7 +130,10 @@ def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None =
     if not isinstance(loss, Tensor):
         raise ClosureError(f"the loss returned by the closure must be a tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
-        raise ClosureError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        swapped = isinstance(outputs, Tensor) and outputs.numel() == 1
+        raise ClosureError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
+                           + (". The second item is a scalar: the closure seems to return (outputs, loss); "
+                              "return (loss, outputs), the loss first" if swapped else ""))
     if loss.dim() != 0:
         loss = loss.reshape(())
     if not bool(torch.isfinite(loss)):

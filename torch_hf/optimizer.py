@@ -28,9 +28,10 @@ from torch import Tensor
 
 from . import _flat
 from .cg import cg
-from .curvature import GGN, Hessian, NonFiniteLossError, evaluate_closure
+from .curvature import GGN, ClosureError, Hessian, NonFiniteLossError, evaluate_closure
 from .damping import Damping, DampingContext, Tikhonov
 from .distributed import Reducer, resolve_process_group
+from .lanczos import lanczos_extremes
 from .nn import OffloadActivations
 from .preconditioners import GGNDiagonal, Identity, Preconditioner
 
@@ -44,13 +45,30 @@ logger = logging.getLogger("torch_hf")
 _GRADIENT_PER_PRODUCT = 0.8
 _FORWARD_PER_PRODUCT = 0.3
 
+# A stall: this many steps in a row below the loss's float resolution; the Hessian is then
+# probed with this many Lanczos steps, and a lowest eigenvalue below −ratio × the largest
+# magnitude is a saddle (rounding leaves PSD spectra within ~1e-8 of that in float32 runs).
+_STALL_STEPS = 3
+_STALL_LANCZOS_STEPS = 20
+_SADDLE_RATIO = 1e-3
+
 _GLOBAL = ("lr", "cg_max_iters", "cg_min_iters", "cg_tol", "cg_stop", "cg_decay", "backtracking_factor",
            "line_search_c", "line_search_beta", "line_search_max_evals", "trust_radius")
 
 
 @dataclass
 class StepDiagnostics:
-    """What one HF step did (``opt.last_step``)."""
+    """What one HF step did (``opt.last_step``).
+
+    ``rho_informative`` is ``False`` when the step changed the loss, and the model predicted
+    a change, below the loss's float resolution (ρ is rounding noise then, and λ is left
+    alone). After ``3`` such steps in a row the optimizer looks at the exact Hessian once
+    (:mod:`torch_hf.lanczos`) and ``stall`` says what it found: ``"converged"`` (no negative
+    curvature: a minimum, reached to the loss's resolution; ``converged`` is then ``True``),
+    ``"saddle"`` (a negative eigenvalue the Gauss-Newton matrix does not see), ``"plateau"``
+    (curvature too small for any step to change the loss resolvably) or ``"unknown"`` (the
+    Hessian could not be evaluated). Only the last three warn.
+    """
 
     step: int = 0
     loss_before: float = float("nan")
@@ -64,6 +82,8 @@ class StepDiagnostics:
     line_search_alpha: float = float("nan")
     predicted_reduction: float = float("nan")
     rho_informative: bool = True
+    converged: bool = False
+    stall: str = ""
     directional_derivative: float = float("nan")
     curvature_products: int = 0
     objective_evaluations: int = 0
@@ -91,7 +111,7 @@ class HessianFree(torch.optim.Optimizer):
         damping: a :mod:`torch_hf.damping` object; ``Tikhonov(init=1.0)`` adapted by the
             Levenberg-Marquardt rule by default.
         preconditioner: a :mod:`torch_hf.preconditioners` object; ``GGNDiagonal(0.75)``
-            by default (§13).
+            by default (§11.4, the recipe of §13).
         lr: multiplier of the final update (1.0; lowering it late in training is one of
             §12.2's remedies for minibatch overfitting).
         weight_decay: η of the penalty (η/2)‖θ‖², added exactly to f, ∇f and B (§13).
@@ -153,7 +173,8 @@ class HessianFree(torch.optim.Optimizer):
             (< 1.2e-38 in float32) carry nothing the step can use. No effect on other devices or where the CPU lacks the mode.
 
     The closure takes no arguments and returns ``(loss, outputs)`` (or only ``loss`` for
-    ``curvature="hessian"``) with no ``backward()`` inside; see DESIGN.md / the README.
+    ``curvature="hessian"``) with no ``backward()`` inside (the README's "closure
+    contract" says what else it may and may not do).
     ``step`` returns the loss before the update and leaves its diagnostics in
     :attr:`last_step`. A closure that yields a non-finite loss or gradient at the start
     raises :class:`torch_hf.NonFiniteLossError` with the parameters untouched; a
@@ -370,7 +391,9 @@ class HessianFree(torch.optim.Optimizer):
         result = self._call_at_trial_point(closure)
         loss = result[0] if isinstance(result, (tuple, list)) else result
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError("the closure must return a scalar loss tensor (or (loss, outputs))")
+            raise ClosureError("at a trial point the closure must return a scalar loss tensor (or (loss, outputs)); "
+                               f"got {type(loss).__name__}"
+                               + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
         value = float(loss)
         if reducer is not None:
             value = reducer.mean_float(value, params[0])
@@ -405,19 +428,56 @@ class HessianFree(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _warn_stalled(self, count: int, grad_norm: float, resolution: float) -> None:
-        """Warn once per optimizer when steps keep changing the loss by less than its float
-        resolution (HF has stopped making progress)."""
-        if count < 3 or self._warned_stall:
-            return
-        self._warned_stall = True
-        warnings.warn(
-            f"torch_hf: {count} HF steps in a row changed the loss by less than its float resolution "
-            f"({resolution:.2g}) at gradient norm {grad_norm:.2g}; λ is left as it is, since ρ carries no "
-            "information there. Likely causes: a full-batch run at a saddle point or plateau (dense default "
-            "init; try torch_hf.nn.sparse_init_), a loss in float32 that cannot resolve further progress "
-            "(use float64), or a minimum reached. Minibatches or a smaller curvature batch (§12) help "
-            "leave a plateau.", RuntimeWarning, stacklevel=3)
+    def _stall_verdict(self, s: "_Step", informative: bool, state: dict) -> str:
+        """After ``_STALL_STEPS`` steps in a row below the loss's float resolution, tell a
+        minimum from a saddle or plateau with the exact Hessian (the GGN, being PSD, sees
+        neither) and warn, once per optimizer, unless it is a minimum. The verdict holds
+        until a step changes the loss resolvably again."""
+        if informative:
+            state["uninformative_steps"], state["stall"] = 0, ""
+            return ""
+        state["uninformative_steps"] = state.get("uninformative_steps", 0) + 1
+        if state["uninformative_steps"] < _STALL_STEPS:
+            return ""
+        if not state.get("stall"):
+            with self._timed(s, "stall_check"):
+                state["stall"], detail = self._judge_stall(s)
+            logger.info("torch_hf: %d steps below the loss's float resolution: %s (%s)",
+                        state["uninformative_steps"], state["stall"], detail)
+            if state["stall"] != "converged" and not self._warned_stall:
+                self._warned_stall = True
+                warnings.warn(_stall_message(state["stall"], state["uninformative_steps"], float(s.grad.norm()),
+                                             s.resolution, detail), RuntimeWarning, stacklevel=4)
+        return state["stall"]
+
+    def _judge_stall(self, s: "_Step") -> tuple[str, str]:
+        """Extreme eigenvalues of the objective's Hessian ∇²f + ηI at θ (a few Lanczos steps
+        from a fixed start, so every process of a group computes the same): ``"saddle"`` if
+        the lowest is negative beyond rounding, ``"plateau"`` if a step as long as θ itself
+        would change f by less than its resolution, else ``"converged"``."""
+        try:
+            hessian = Hessian(s.params, _loss_only(s.closure), safe_kernels=self._safe_kernels)
+
+            def mv(v: Tensor) -> Tensor:
+                out = hessian.mv(v)
+                if s.reducer is not None:
+                    s.reducer.mean_(out)
+                if _nonzero(s.wd):
+                    out = out.addcmul_(s.wd, v) if isinstance(s.wd, Tensor) else out.add_(v, alpha=s.wd)
+                return out
+
+            ends = lanczos_extremes(mv, hessian.numel, _STALL_LANCZOS_STEPS, torch.Generator().manual_seed(0),
+                                    dtype=s.grad.dtype, device=s.grad.device)
+        except Exception as exc:  # noqa: BLE001 - the check is advice; the step itself is done
+            return "unknown", f"the Hessian could not be evaluated: {type(exc).__name__}: {exc}"
+        low, high = ends.lowest, ends.highest
+        scale = max(abs(low), abs(high))
+        detail = f"Hessian eigenvalues from {low:.3g} to {high:.3g}, {ends.steps} Lanczos steps"
+        if 0.5 * scale * max(float(s.theta0.norm()), 1.0) ** 2 <= s.resolution:
+            return "plateau", detail
+        if low < -_SADDLE_RATIO * scale:
+            return "saddle", detail
+        return "converged", detail
 
     @torch.no_grad()
     def step(self, closure: Callable, curvature_closure: Callable | None = None) -> Tensor:  # type: ignore[override]
@@ -459,16 +519,17 @@ class HessianFree(torch.optim.Optimizer):
         with self._timed(s, "backtracking_and_line_search"):
             chosen_it, delta, q_chosen, f_best = self._backtrack(s, result)
             rho, model_reduction, informative = self._adapt_damping(s, op, delta, q_chosen, f_best, state)
-            alpha, f_new, slope = self._line_search(s, delta, f_best)
+            alpha, f_new, slope = self._line_search(s, delta, f_best, informative)
         self._last_trial_evaluations = s.evals
         step_scale = self._apply(s, delta, alpha, result, state)
+        stall = self._stall_verdict(s, informative, state)
         if step_scale != alpha:  # lr != 1: f at the final point is not the one measured
             f_new = float("nan")
         diag = StepDiagnostics(
             step=state["step"], loss_before=s.loss_before, loss_after=f_new, rho=rho, damping=lam,
             damping_next=self.damping.value, cg_iterations=result.iterations, cg_stop_reason=result.stop_reason,
             chosen_iteration=chosen_it, line_search_alpha=alpha, predicted_reduction=model_reduction,
-            rho_informative=informative, directional_derivative=slope, curvature_products=s.products,
+            rho_informative=informative, converged=stall == "converged", stall=stall, directional_derivative=slope, curvature_products=s.products,
             objective_evaluations=s.evals, backtracking_evaluations=s.backtracking_evals,
             line_search_evaluations=s.evals - s.backtracking_evals, grad_norm=float(s.grad.norm()),
             step_norm=float(delta.norm()) * step_scale, accepted=step_scale > 0,
@@ -505,13 +566,15 @@ class HessianFree(torch.optim.Optimizer):
         offload = OffloadActivations() if self.offload_activations else contextlib.nullcontext()
         self.last_offload = offload if self.offload_activations else None
         try:
-            with offload:
+            with offload, _blame("curvature_closure (the curvature batch)" if curvature_closure is not None
+                                 else "the closure"):
                 op = op_cls(params, curv_closure, **op_kwargs)
             self._safe_kernels = op.safe_kernels
             if curvature_closure is None and curv_closure is closure:
                 f_loss, f_grad = op.loss, op.grad
             else:
-                loss_t, outs = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
+                with _blame("closure (the gradient batch)"):
+                    loss_t, outs = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
                 s.separate_gradient = True
                 if outs and op.outputs and op.outputs[0].numel():
                     s.batch_ratio = outs[0].numel() / op.outputs[0].numel()
@@ -536,7 +599,9 @@ class HessianFree(torch.optim.Optimizer):
             s.grad = f_grad + s.wd * s.theta0
             s.loss_before += 0.5 * float((s.wd * s.theta0 * s.theta0).sum())
         if not bool(torch.isfinite(s.grad).all()):
-            raise NonFiniteLossError("the gradient is not finite at the current parameters")
+            which = "closure (the gradient batch)" if s.separate_gradient else "the closure"
+            raise NonFiniteLossError(f"{which}: the gradient of the loss is not finite at the current parameters, "
+                                     "though the loss is (an inf·0 or a non-differentiable point, such as sqrt at 0)")
         s.float_eps = torch.finfo(f_loss.dtype).eps
         return op, f_loss
 
@@ -636,25 +701,27 @@ class HessianFree(torch.optim.Optimizer):
             rho = math.nan
         # Below the loss's float resolution f(θ+δ) − f(θ) is rounding, not information:
         # ρ would read 0 and λ would grow on noise (a full-batch run then stalls silently).
-        resolution = 8 * s.float_eps * max(abs(s.loss_before), 1e-30)
+        s.resolution = resolution = 8 * s.float_eps * max(abs(s.loss_before), 1e-30)
         informative = not (math.isfinite(f_best) and abs(actual) <= resolution and abs(model_reduction) <= resolution)
         if informative:
             self.damping.update(rho)
-            state["uninformative_steps"] = 0
-        else:
-            state["uninformative_steps"] = state.get("uninformative_steps", 0) + 1
-            self._warn_stalled(state["uninformative_steps"], float(s.grad.norm()), resolution)
         return rho, model_reduction, informative
 
-    def _line_search(self, s: "_Step", delta: Tensor, f_best: float) -> tuple[float, float, float]:
+    def _line_search(self, s: "_Step", delta: Tensor, f_best: float, informative: bool = True
+                     ) -> tuple[float, float, float]:
         """Line 7: Armijo backtracking f(θ+αδ) ≤ f(θ) + c·α·∇fᵀδ (§8.8). Returns (α, f, ∇fᵀδ);
-        α = 0 when δ is not a descent direction or no α passes."""
+        α = 0 when δ is not a descent direction or no α passes. A descent step whose actual and
+        predicted changes are both below the loss's float resolution is taken whole: comparing
+        f there compares rounding, and the step cannot change f by more than that rounding,
+        while the model's step still carries θ to the minimum to the gradient's precision."""
         group = self.param_groups[0]
         slope = float(torch.dot(s.grad, delta))
         alpha, f_new = 1.0, f_best
         c = group["line_search_c"]
         if slope >= 0 or not math.isfinite(slope):
             return 0.0, s.loss_before, slope  # not a descent direction: no step
+        if not informative:
+            return alpha, f_new, slope
         if c is not None:
             tries = 0
             while not (f_new <= s.loss_before + c * alpha * slope):
@@ -702,6 +769,7 @@ class _Step:
     grad: Tensor | None = None
     loss_before: float = math.nan
     float_eps: float = 0.0
+    resolution: float = 0.0  # the loss's float resolution at θ₀
     separate_gradient: bool = False  # the gradient batch is not the curvature batch
     batch_ratio: float = 1.0  # gradient batch / curvature batch (by the outputs' sizes)
     products: int = 0
@@ -751,6 +819,39 @@ def _denormals_flushed(enabled: bool):
 
 def _flushing_denormals() -> bool:
     return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+
+
+@contextlib.contextmanager
+def _blame(which: str):
+    """Name the closure behind a contract violation or a non-finite value."""
+    try:
+        yield
+    except (ClosureError, NonFiniteLossError) as exc:
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(which):
+            exc.args = (f"{which}: {exc.args[0]}",) + exc.args[1:]
+        raise
+
+
+def _loss_only(closure: Callable) -> Callable[[], Tensor]:
+    """The closure's loss alone (the Hessian of f needs no outputs or hidden states)."""
+    def loss_closure() -> Tensor:
+        result = closure()
+        return result[0] if isinstance(result, (tuple, list)) else result
+    return loss_closure
+
+
+def _stall_message(verdict: str, count: int, grad_norm: float, resolution: float, detail: str) -> str:
+    what = {"saddle": "HF has stalled at a saddle point: the Hessian has a negative eigenvalue that the "
+                      "Gauss-Newton matrix does not see",
+            "plateau": "HF has stalled on a plateau: the loss's curvature is too small for any step to change it "
+                       "resolvably",
+            "unknown": "HF has stalled, and whether at a minimum could not be checked"}[verdict]
+    return (f"torch_hf: {what} ({detail}). {count} HF steps in a row changed the loss by less than its float "
+            f"resolution ({resolution:.2g}) at gradient norm {grad_norm:.2g}; λ is left as it is, since ρ "
+            "carries no information there. Likely causes: dense default init or saturated units (try "
+            "torch_hf.nn.sparse_init_), a loss in float32 that cannot resolve further progress (use float64). "
+            "Minibatches or a smaller curvature batch (§12) help leave a plateau; curvature='hessian' with "
+            "trust_radius follows negative curvature out of a saddle.")
 
 
 def _nonzero(wd) -> bool:
