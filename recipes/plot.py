@@ -28,10 +28,13 @@ def _label(result: dict, path: str) -> str:
 
 
 def plot_results(paths: Sequence[str], out: str, title: str | None = None, metric: str = "train_error",
-                 dashed: str | None = "test_error", x2: tuple[str, str] | None = None) -> str:
+                 dashed: str | None = "test_error", x2: tuple[str, str] | None = None,
+                 ylabel: str | None = None) -> str:
     """Write a PNG with ``metric`` (solid) and ``dashed`` (if not ``None``) against training
     time and, on the right, against ``x2 = (history key, axis label)``: by default epochs
-    (thousands of sequences for the RNN recipe's fresh data)."""
+    (thousands of sequences for the RNN recipe's fresh data); updates (``"iter"``) are drawn
+    on a logarithmic axis, since optimizers differ in them by orders of magnitude.
+    ``ylabel`` names what ``metric`` measures (default: its key, with the dashed one's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,16 +54,19 @@ def plot_results(paths: Sequence[str], out: str, title: str | None = None, metri
         label = _label(result, path)
         for ax, key in zip(axes, ("time_s", x2[0] if x2 else "epoch")):
             ax.plot([r[key] for r in rows], [r[metric] for r in rows], color=color,
-                    label=f"{label} {metric.split('_')[0]}")
+                    label=label if ylabel else f"{label} {metric.split('_')[0]}")
             test = [r for r in rows if dashed is not None and r.get(dashed) is not None]
             if test:
                 ax.plot([r[key] for r in test], [r[dashed] for r in test], color=color, ls="--",
                         label=f"{label} {dashed.split('_')[0]}")
     clock = {"wall": "wall", "cpu": "CPU"}.get(clocks.pop(), "") if len(clocks) == 1 else "wall or CPU"
     seen = x2[1] if x2 else "training sequences (thousands)" if fresh_data else "epochs"
-    ylabel = metric.replace("_", " ")
-    if dashed is not None:
-        ylabel = f"{ylabel} (solid), {dashed.replace('_', ' ')} (dashed)"
+    if ylabel is None:
+        ylabel = metric.replace("_", " ")
+        if dashed is not None:
+            ylabel = f"{ylabel} (solid), {dashed.replace('_', ' ')} (dashed)"
+    if x2 and x2[0] == "iter":
+        axes[1].set_xscale("symlog", linthresh=1)
     for ax, xlabel in zip(axes, (f"training {clock} time (s)", seen)):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -203,16 +209,18 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: 
             ap.error(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
-def progress_bar(enabled: bool, budget: float, max_iters: int | None, desc: str):
-    """The recipes' tqdm bar: seconds of the training budget, or updates without one
-    (``None`` when ``enabled`` is false)."""
+def progress_bar(enabled: bool, budget: float, max_iters: int | None, desc: str, position: int | None = None):
+    """The recipes' tqdm bar: seconds of the training budget (evaluations and setup are not
+    counted, so the bar can read 60/60 s after longer on the clock), or updates without a
+    budget (``None`` when ``enabled`` is false). ``position``: the line of a bar among
+    several drawn side by side."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]" if budget > 0 else None
+    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s training [{elapsed}{postfix}]" if budget > 0 else None
     return tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it", desc=desc,
-                dynamic_ncols=True, bar_format=fmt)
+                dynamic_ncols=True, bar_format=fmt, position=position)
 
 
 def write_json(result: dict, json_path: str | Path) -> None:

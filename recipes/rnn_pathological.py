@@ -316,85 +316,81 @@ def task_error(kind: str, z: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\nTasks (")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"Default: addition at T=100 with HF for {DEFAULT_TIME_BUDGET:.0f} s. A task is "
-                                        f"solved at < 1% test error. {EXPECTED} The tasks, the initialization and "
-                                        "the outputs: python -m pydoc recipes.rnn_pathological; the measured "
-                                        "tables: docs/rnns.md.")
-    ap.add_argument("--task", choices=TASKS + ("all",), default="addition",
-                    help="one task, or all: every task of --tasks x --optimizers x --seeds, --jobs at a time, "
-                         "then a summary table (summary.md) and plot (summary.png) in --out")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="--task all: the tasks")
-    ap.add_argument("--optimizers", nargs="+", choices=["hf", "adam", "sgd"], default=["hf", "adam"],
-                    help="--task all: the optimizers (default hf adam)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--task all: the seeds (default 0 1 2)")
-    ap.add_argument("--jobs", type=int, default=2, help="--task all: runs at a time, one thread each (default 2)")
-    ap.add_argument("--lrs", nargs="+", type=float, default=None,
-                    help="--task all: tune Adam's/SGD's learning rate per task over these values on the first seed "
-                         "(--tune-budget seconds each), then run every seed at the best")
-    ap.add_argument("--tune-budget", type=float, default=300.0,
-                    help="--task all --lrs: the time budget of each tuning run (default 300 s)")
-    ap.add_argument("--reach", action="store_true",
-                    help="print, per task, the last state's sensitivity to the input 95 steps back at "
-                         "initialization, for input scales 1 and 0.1 and --seeds, and exit")
-    ap.add_argument("--saddle", default=None, metavar="STATE_PT",
-                    help="print where a saved HF run stands (its <stem>.pt): expected gradient against one batch's "
-                         "noise, the exact Hessian's extreme eigenvalues, and the loss along its most negative "
-                         "direction (saddle_report), and exit")
-    ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
-                    help="print the summary table of saved runs (and write --out/summary.png) instead of training")
-    ap.add_argument("--T", type=int, default=100, help="sequence length (default 100)")
-    ap.add_argument("--optimizer", choices=["hf", "adam", "sgd", "all"], default="hf",
-                    help="all: HF, then Adam (lr 1e-3 unless --lr), the same budget each, and both results")
-    ap.add_argument("--hidden", type=int, default=100)
-    ap.add_argument("--input-scale", type=float, default=DEFAULT_INPUT_SCALE,
-                    help=f"scale of the initial input-to-hidden weights (default {DEFAULT_INPUT_SCALE}; 1 is the "
-                         "paper's N(0, 1), which saturates the units on every task here, see sparse_init_rnn)")
-    ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
-                    help=f"seconds of training, evaluation excluded; 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
-    add_clock_option(ap)
-    ap.add_argument("--max-iters", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="gradient minibatch (hf 1000, xor 16000; adam/sgd 100)")
-    ap.add_argument("--curvature-batch-size", type=int, default=None,
-                    help="HF curvature minibatch (§12.1; 250, xor 1000)")
-    ap.add_argument("--cg-max-iters", type=int, default=300)
-    ap.add_argument("--cg-tol", type=float, default=5e-4)
-    ap.add_argument("--cg-stop", choices=["progress", "rate"], default=None,
-                    help="HF: CG termination (HessianFree's cg_stop; default progress, §4's relative-progress "
-                         "test; xor: rate, see HF_TASK_DEFAULTS)")
-    ap.add_argument("--damping", type=float, default=0.1, help="HF: initial lambda")
-    ap.add_argument("--mu", type=float, default=1 / 30, help="HF: structural damping ratio (0 disables it)")
-    ap.add_argument("--damping-min", type=float, default=None,
-                    help="HF: floor on lambda for the Levenberg-Marquardt rule (default none)")
-    ap.add_argument("--trust-radius", type=float, default=None,
-                    help="HF: Steihaug-Toint truncation of CG at this step norm (§8.6); with --curvature hessian "
-                         "a direction of negative curvature is followed to the boundary")
-    ap.add_argument("--curvature", choices=["ggn", "hessian"], default=None,
-                    help="HF: curvature matrix, the Gauss-Newton matrix (default) or the exact Hessian (§5)")
-    ap.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
-                    help="HF: none (Martens & Sutskever 2011; §11: RNNs gain little from diagonal "
-                         "preconditioning, and the weights shared over time make the diagonal estimate noisy) "
-                         "or the GGN diagonal^0.75")
-    ap.add_argument("--checkpoint", action="store_true",
-                    help="HF: sqrt(T) checkpointed unroll with recomputed curvature products (§7.1)")
-    ap.add_argument("--lr", type=float, default=None, help="adam 1e-3, sgd 1e-2 (with momentum)")
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--clip", type=float, default=1.0, help="adam/sgd gradient-norm clipping (0: none)")
-    ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    add_subnormal_option(ap)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="results")
-    ap.add_argument("--tag", default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    add_overwrite_option(ap)
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run saved in <stem>.pt beside the JSON (written at every evaluation) up "
-                         "to this call's --time-budget / --max-iters; the settings that shape training must match")
+    ap = argparse.ArgumentParser(
+        usage="%(prog)s [--task TASK] [--optimizer OPT] [options]",
+        description="Long-range RNN tasks (Hochreiter & Schmidhuber 1997) trained by HF with structural damping "
+                    "(§8.4) or by Adam / SGD.\n\n"
+                    "    python recipes/rnn_pathological.py --task addition                  # HF, 600 s\n"
+                    "    python recipes/rnn_pathological.py --task addition --optimizer all  # HF, then Adam\n"
+                    "    python recipes/rnn_pathological.py --task all --time-budget 3600 --clock cpu --out results/rnn\n"
+                    "    python recipes/rnn_pathological.py --summary results/rnn/*.json     # the table of saved runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Tasks: {', '.join(TASKS)}; a task is solved at < 1% test error. {EXPECTED} The tasks, the "
+               "initialization and the outputs: python -m pydoc recipes.rnn_pathological; the measured tables: "
+               "docs/rnns.md.")
+    run = ap.add_argument_group("one run")
+    run.add_argument("--task", choices=TASKS + ("all",), default="addition", metavar="TASK",
+                     help="one of the tasks below (default addition), or all: --tasks x --optimizers x --seeds")
+    run.add_argument("--T", type=int, default=100, help="sequence length (default 100, at least 12)")
+    run.add_argument("--optimizer", choices=["hf", "adam", "sgd", "all"], default="hf",
+                     help="hf (default), adam, sgd, or all: HF, then Adam, the same budget each")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
+                     help=f"seconds of training, evaluations excluded; 0 for none (default {DEFAULT_TIME_BUDGET:.0f})")
+    add_clock_option(run)
+    run.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
+    run.add_argument("--batch-size", type=int, default=None, help="gradient batch (hf 1000, xor 16000; adam/sgd 100)")
+    run.add_argument("--hidden", type=int, default=100, help="hidden units (default 100)")
+    run.add_argument("--input-scale", type=float, default=DEFAULT_INPUT_SCALE,
+                     help=f"scale of the initial input weights (default {DEFAULT_INPUT_SCALE}; 1 is the paper's)")
+    run.add_argument("--test-size", type=int, default=1000)
+    run.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations (default budget/50)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--threads", type=int, default=None)
+    add_subnormal_option(run)
+    run.add_argument("--out", default="results", help="directory of the results (default results/)")
+    run.add_argument("--tag", default=None, help="suffix of the result file names")
+    run.add_argument("--no-progress", action="store_true")
+    add_overwrite_option(run)
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run saved in <stem>.pt beside the JSON up to this call's budget; the "
+                          "settings that shape training must match")
+    hf = ap.add_argument_group("HF")
+    hf.add_argument("--curvature-batch-size", type=int, default=None,
+                    help="curvature batch, at most the gradient batch (§12.1; 250, xor 1000)")
+    hf.add_argument("--cg-max-iters", type=int, default=300)
+    hf.add_argument("--cg-tol", type=float, default=5e-4)
+    hf.add_argument("--cg-stop", choices=["progress", "rate"], default=None,
+                    help="CG termination (default progress, §4; xor: rate)")
+    hf.add_argument("--damping", type=float, default=0.1, help="initial lambda (default 0.1)")
+    hf.add_argument("--mu", type=float, default=1 / 30, help="structural damping ratio (default 1/30; 0: none)")
+    hf.add_argument("--damping-min", type=float, default=None, help="floor on lambda (default none)")
+    hf.add_argument("--trust-radius", type=float, default=None, help="Steihaug-Toint truncation of CG (§8.6)")
+    hf.add_argument("--curvature", choices=["ggn", "hessian"], default=None, help="default ggn (§6); hessian (§5)")
+    hf.add_argument("--preconditioner", choices=["none", "ggn"], default="none",
+                    help="none (default; §11: RNNs gain little) or the GGN diagonal^0.75")
+    hf.add_argument("--checkpoint", action="store_true",
+                    help="sqrt(T) checkpointed unroll with recomputed curvature products (§7.1)")
+    base = ap.add_argument_group("Adam and SGD")
+    base.add_argument("--lr", type=float, default=None, help="adam 1e-3, sgd 1e-2")
+    base.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (default 0.9)")
+    base.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1; 0: none)")
+    many = ap.add_argument_group("many runs (--task all) and saved runs")
+    many.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
+                      help="the tasks (default all seven)")
+    many.add_argument("--optimizers", nargs="+", choices=["hf", "adam", "sgd"], default=["hf", "adam"],
+                      help="the optimizers (default hf adam)")
+    many.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the seeds (default 0 1 2)")
+    many.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    many.add_argument("--lrs", nargs="+", type=float, default=None,
+                      help="tune Adam's/SGD's learning rate per task over these on the first seed first")
+    many.add_argument("--tune-budget", type=float, default=300.0, help="each tuning run's budget (default 300 s)")
+    many.add_argument("--summary", nargs="+", default=None, metavar="JSON",
+                      help="print the table of saved runs (and write --out/summary.png), and exit")
+    many.add_argument("--saddle", default=None, metavar="STATE_PT",
+                      help="print where a saved HF run stands (gradient noise, Hessian extremes), and exit")
+    many.add_argument("--reach", action="store_true",
+                      help="print each task's input sensitivity 95 steps back at initialization, and exit")
     return ap
 
 

@@ -678,5 +678,5 @@ def test_plots_label_what_they_draw(tmp_path, monkeypatch):
     scientific.main(["--problem", "pinn", "--optimizer", "hf", "--max-iters", "2", "--time-budget", "0",
                      "--out", str(tmp_path / "sci"), "--no-progress"])
     left, right = figures[-1].axes
-    assert left.get_ylabel() == "test error" and right.get_xlabel() == "updates"
+    assert left.get_ylabel() == "relative L2 error" and right.get_xlabel() == "updates"
     assert left.get_xlabel() == "training CPU time (s)"
