@@ -44,8 +44,8 @@ from recipes.cli import add_overwrite_option, curvature_batch, refuse_overwrite,
 DEFAULT_TIME_BUDGET = 480.0
 DEFAULT_CURVATURE_BATCH = 250
 # What `--optimizer all` printed with the defaults on a 2-core x86 CPU (docs/autoencoders.md).
-EXPECTED = ("Expected with the defaults (2-core x86 CPU, docs/autoencoders.md): HF train error about 8, Adam about "
-            "2.5 at 480 s: on CURVES Adam is ahead, as the README's table says.")
+EXPECTED = ("Expected at 480 s (2-core x86 CPU, one thread each, docs/autoencoders.md): HF train error about 10 "
+            "(840 updates), Adam about 1.6: on CURVES Adam is about 6x ahead, as the README's table says.")
 LAYERS = {"curves": CURVES_LAYERS, "mnist": MNIST_LAYERS}
 DEFAULTS = {  # per optimizer: batch size, learning rate
     "hf": {"batch_size": 1000, "lr": 1.0},
