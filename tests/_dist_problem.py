@@ -37,6 +37,8 @@ def make_optimizer(config: str, m: torch.nn.Module) -> torch_hf.HessianFree:
     if config == "kfac":  # Kronecker factors averaged over the group: every rank gets the same P
         pre = torch_hf.preconditioners.KFAC(decay=0.5, inverse_every=2, generator=torch.Generator().manual_seed(0))
         return torch_hf.HessianFree(m.parameters(), preconditioner=pre, cg_max_iters=20, cg_stop="progress")
+    if config == "defaults":  # random GGN-diagonal probes and cg_stop="rate": CG truncates on the preconditioner
+        return torch_hf.HessianFree(m.parameters())
     raise ValueError(config)
 
 

@@ -47,7 +47,7 @@ def _launch(config: str, tmp_path: Path, world: int = 2) -> list[list[torch.Tens
     return [torch.load(o) for o in outs]
 
 
-@pytest.mark.parametrize("config", ["fisher", "scale"])
+@pytest.mark.parametrize("config", ["fisher", "scale", "defaults", "kfac"])
 def test_two_gloo_processes_match_one_process_on_whole_batch(config, tmp_path):
     reference = run_steps(config, world=1, n_shards=2)
     ranks = _launch(config, tmp_path)

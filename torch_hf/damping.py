@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .distributed import shard_of
+
 __all__ = ["LevenbergMarquardt", "Damping", "Tikhonov", "ScaleSensitive", "Structural", "DampingContext"]
 
 
@@ -177,6 +179,10 @@ class ScaleSensitive(Damping):
         self.d: Tensor | None = None
 
     def prepare(self, context: DampingContext) -> None:
+        from .preconditioners import DiagonalPreconditioner
+
+        if isinstance(self.estimator, DiagonalPreconditioner):  # it draws its rank's share of the probes
+            self.estimator.shard = shard_of(context.reduce)
         d = context.reduce(self.estimator.estimate(context.curvature)).clamp_min(0)
         self.d = d + self.kappa * d.mean()
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Reducer", "resolve_process_group"]
+__all__ = ["Reducer", "resolve_process_group", "shard_of"]
 
 
 def resolve_process_group(process_group: Any) -> Any | None:
@@ -53,8 +53,17 @@ def resolve_process_group(process_group: Any) -> Any | None:
     return process_group
 
 
+def shard_of(reduce: Any) -> tuple[int, int] | None:
+    """``(rank, world_size)`` when ``reduce`` (the ``reduce`` argument a preconditioner or
+    damping estimator is given) is a :class:`Reducer`, else ``None``: a random estimator
+    draws the probes of the whole batch and keeps its rank's share, so that N processes on
+    equal, batch-first shards draw exactly the probes one process draws on the whole batch."""
+    return (reduce.rank, reduce.world_size) if isinstance(reduce, Reducer) else None
+
+
 class Reducer:
-    """Averages tensors and floats over a process group (all-reduce SUM / world size)."""
+    """Averages tensors and floats over a process group (all-reduce SUM / world size).
+    Calling it is :meth:`mean`: it is what preconditioners get as ``reduce``."""
 
     def __init__(self, group: Any) -> None:
         import torch.distributed as dist
@@ -73,6 +82,8 @@ class Reducer:
         """Average of ``t`` over the group in a new tensor (``t`` is left as it is)."""
         return self.mean_(t.detach().clone())
 
+    __call__ = mean
+
     def mean_float(self, value: float, like: Tensor) -> float:
         """Average of a Python float (one all-reduce of a 1-element tensor on ``like``'s device)."""
         t = torch.tensor([value], dtype=torch.float64, device=like.device)
@@ -83,3 +94,10 @@ class Reducer:
         """Make every process's parameters equal to those of rank ``src`` (global rank)."""
         for p in params:
             self._dist.broadcast(p.data, src=src, group=self.group)
+
+    def broadcast_generator(self, generator: torch.Generator, like: Tensor, src: int = 0) -> None:
+        """Give every process rank ``src``'s random stream (through ``like``'s device, which
+        NCCL needs): the random probes of the estimators then agree across the group."""
+        state = generator.get_state().to(like.device)
+        self._dist.broadcast(state, src=src, group=self.group)
+        generator.set_state(state.cpu())

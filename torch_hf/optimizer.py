@@ -342,6 +342,15 @@ class HessianFree(torch.optim.Optimizer):
         # Reading CG's scalars costs a host synchronisation on an accelerator, nothing on CPU.
         return 1 if params[0].device.type == "cpu" else 5
 
+    def _generators(self) -> list[torch.Generator]:
+        """Every random stream the step draws from: the optimizer's and any of its parts' own."""
+        found: list[torch.Generator] = []
+        for owner in (self, self.preconditioner, getattr(self.damping, "estimator", None)):
+            gen = getattr(owner, "generator", None)
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+                found.append(gen)
+        return found
+
     def _autocast(self, closure: Callable) -> Callable:
         device_type = self._params()[0].device.type
         dtype = self.autocast_dtype
@@ -508,6 +517,8 @@ class HessianFree(torch.optim.Optimizer):
         s = _Step(params=params, wd=self._weight_decay_vector(params), reducer=self._get_reducer(), closure=closure)
         if s.reducer is not None and state["step"] == 0:
             s.reducer.broadcast_parameters(params)
+            for generator in self._generators():  # the random probes then agree across the group
+                s.reducer.broadcast_generator(generator, params[0])
         # Algorithm 3, lines 1-2: gradient, loss and curvature operator; 3: damping and
         # preconditioner; 4: CG; 5: CG-backtracking; 6: ρ and λ; 7: line search; 8: update.
         with self._timed(s, "gradient_and_curvature"):
@@ -610,8 +621,9 @@ class HessianFree(torch.optim.Optimizer):
         the damped product v ↦ (B + λD + ηI) v, averaged over the process group."""
         lam = self.damping.value
         reducer, wd = s.reducer, s.wd
-        # `reduce` only under data parallelism: custom preconditioners need not accept it.
-        reduce_kwargs = {} if reducer is None else {"reduce": reducer.mean}
+        # `reduce` only under data parallelism: custom preconditioners need not accept it. The
+        # Reducer itself is the callable (its rank and size shard the random estimators' probes).
+        reduce_kwargs = {} if reducer is None else {"reduce": reducer}
         self.damping.prepare(DampingContext(curvature=op, params=s.params, **reduce_kwargs))
         self.preconditioner.update(op, self.damping.diagonal(), wd if isinstance(wd, Tensor) else float(wd),
                                    **reduce_kwargs)

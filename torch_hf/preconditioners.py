@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .curvature import GGN, Hessian
+from .distributed import shard_of
 
 logger = logging.getLogger("torch_hf")
 
@@ -94,12 +95,16 @@ class DiagonalPreconditioner(Preconditioner):
         self._average: Tensor | None = None
         self._updates = 0
         self.last_estimate: Tensor | None = None
+        # (rank, world size) under data parallelism, set from ``reduce`` by each update: a
+        # random estimator draws the whole batch's per-case probes and keeps its share.
+        self.shard: tuple[int, int] | None = None
 
     def estimate(self, curvature) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def update(self, curvature, damping_diagonal: Tensor | float | None = 0.0, weight_decay: float = 0.0,
                reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.shard = shard_of(reduce)
         d = self.estimate(curvature)
         if reduce is not None:
             d = reduce(d)
@@ -149,6 +154,17 @@ def _require_ggn(curvature, who: str) -> GGN:
 def _rademacher_like(like: Tensor, gen: torch.Generator | None) -> Tensor:
     bits = torch.randint(0, 2, like.shape, generator=gen, device="cpu" if gen is not None else like.device)
     return bits.to(device=like.device, dtype=like.dtype) * 2 - 1
+
+
+def _per_case_probes(like: Tensor, gen: torch.Generator | None, shard: tuple[int, int] | None) -> Tensor:
+    """Rademacher probes for the cases of ``like`` (an output, batch first). Under data
+    parallelism (``shard`` = (rank, world size)) the probes of all the group's cases are
+    drawn and this rank's share kept: the group then draws exactly what one process would
+    on the whole batch, given the same stream."""
+    if shard is None:
+        return _rademacher_like(like, gen)
+    rank, world = shard
+    return _rademacher_like(like.expand(world, *like.shape), gen)[rank]
 
 
 class EmpiricalFisherDiagonal(DiagonalPreconditioner):
@@ -204,17 +220,14 @@ class GGNDiagonal(DiagonalPreconditioner):
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples, self.generator = samples, generator
 
-    def _rademacher(self, like: Tensor) -> Tensor:
-        return _rademacher_like(like, self.generator)
-
     def estimate(self, curvature) -> Tensor:
         total = None
         for _ in range(self.samples):
             if isinstance(curvature, GGN) and curvature.matching_loss is not None:
-                v = tuple(self._rademacher(o) for o in curvature.outputs)
+                v = tuple(_per_case_probes(o, self.generator, self.shard) for o in curvature.outputs)
                 d, _ = curvature.squared_vjp(curvature.loss_sqrt_hvp(v))
             elif isinstance(curvature, (GGN, Hessian)):
-                v = self._rademacher(curvature.grad)
+                v = _rademacher_like(curvature.grad, self.generator)  # in parameter space: one draw for the group
                 d = v * curvature.mv(v)  # Hutchinson; clamped after averaging
             else:
                 raise TypeError(f"GGNDiagonal cannot estimate the diagonal of {type(curvature).__name__}")
@@ -303,10 +316,11 @@ class KFAC(Preconditioner):
         self._shapes: list[torch.Size] = []
         self._covered: Tensor | None = None
         self._fallback: GGNDiagonal | None = None
+        self.shard: tuple[int, int] | None = None  # (rank, world size) under data parallelism
 
     # -- statistics ---------------------------------------------------------------
     def _factors(self, ggn: GGN) -> tuple[list[tuple[int, int | None]], list[Tensor], list[Tensor], Tensor]:
-        v = tuple(_rademacher_like(o, self.generator) for o in ggn.outputs)
+        v = tuple(_per_case_probes(o, self.generator, self.shard) for o in ggn.outputs)
         c = ggn.loss_sqrt_hvp(v)
         found: dict[int, tuple[int | None, Tensor, Tensor]] = {}
 
@@ -334,6 +348,7 @@ class KFAC(Preconditioner):
             return
         self._fallback = None
         ggn = curvature
+        self.shard = shard_of(reduce)
         layers, A, G, sq = self._factors(ggn)
         if reduce is not None:  # one collective for every factor and the diagonal
             flat = reduce(torch.cat([t.reshape(-1) for t in A + G] + [sq]))
