@@ -16,6 +16,8 @@ TOLERANCE = 1e-9
 
 
 def _close(a, b) -> bool:
+    if a == b:
+        return True
     if isinstance(a, float) and isinstance(b, float):
         if math.isnan(a) or math.isnan(b):
             return math.isnan(a) and math.isnan(b)
