@@ -51,7 +51,7 @@ def test_empirical_fisher_diagonal_matches_per_case_gradients(loss):
 def test_squared_vjp_is_per_case_for_linear_layers_only():
     case = make_case("rnn_tuple_mse")  # recurrent weight is shared over time: no per-case path
     ggn = torch_hf.GGN(case.params, case.closure)
-    _, per_case = ggn.squared_vjp(ggn._grad_z)
+    _, per_case = ggn.squared_vjp(ggn.output_grads)
     assert not bool(per_case.all())
     with pytest.raises(NotImplementedError, match="GGNDiagonal"):
         EmpiricalFisherDiagonal().estimate(ggn)

@@ -186,7 +186,7 @@ class EmpiricalFisherDiagonal(DiagonalPreconditioner):
     def estimate(self, curvature) -> Tensor:
         ggn = _require_ggn(curvature, "EmpiricalFisherDiagonal")
         n_cases = ggn.outputs[0].shape[0]
-        d, per_case = ggn.squared_vjp(ggn._grad_z)
+        d, per_case = ggn.squared_vjp(ggn.output_grads)
         if not bool(per_case.all()) and not self.allow_batch_fallback:
             raise NotImplementedError(
                 f"EmpiricalFisherDiagonal computes per-case squared gradients only for linear layers applied once "

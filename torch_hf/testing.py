@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from . import _flat
-from .curvature import GGN, Hessian, _as_param_list, evaluate_closure
+from .curvature import GGN, Hessian, evaluate_closure
+from .curvature.closure import as_param_list as _as_param_list
 
 __all__ = ["VerificationError", "Report", "check_ggn", "check_hessian", "relative_error",
            "fd_jvp", "fd_jacobian", "fd_loss_hessian", "fd_hvp"]
