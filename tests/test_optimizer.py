@@ -709,3 +709,25 @@ def test_rate_termination_stops_cg_early_and_still_trains():
         reasons.append(fast.last_step.cg_stop_reason)
     assert "rate" in reasons and min(d.cg_iterations for d in fast.history) < 60
     assert losses[-1] < losses[0]
+
+
+def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_bit_for_bit():
+    """tests/data/checkpoint_0.1.0.pt was written by the optimizer before its state_dict got a
+    version key (ScaleSensitive damping, GGN diagonal with decay, weight decay, own generator)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _golden import _autoencoder
+
+    saved = torch.load(Path(__file__).resolve().parent / "data" / "checkpoint_0.1.0.pt", weights_only=False)
+    model, closure = _autoencoder(seed=3)
+    model.load_state_dict(saved["model"])
+    opt = HessianFree(model.parameters(), damping=torch_hf.damping.ScaleSensitive(2.0),
+                      preconditioner=GGNDiagonal(decay=0.9), weight_decay=1e-4, cg_max_iters=30,
+                      generator=torch.Generator().manual_seed(999))
+    opt.load_state_dict(saved["optimizer"])
+    for expected in saved["continuation"]:
+        opt.step(closure)
+        assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), expected)
+    assert opt.damping.value == saved["damping_value"]
