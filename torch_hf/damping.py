@@ -14,8 +14,8 @@ Provided here: :class:`Tikhonov` (D = I, §8.1), :class:`ScaleSensitive` (diagon
 an estimate of diag(B), §8.3), and the Levenberg-Marquardt rule
 :class:`LevenbergMarquardt` (§8.5) that both use to adapt λ. Structural damping
 (§8.4) plugs into the same protocol: it adds a term to the *curvature operator*
-(the hidden states as extra outputs) through ``augment_closure``, which the base
-class leaves as the identity.
+(the hidden states as extra outputs) through ``curvature_kwargs``, and declares with
+``needs_base_point`` that its model penalty reads the operator at θ₀.
 """
 from __future__ import annotations
 
@@ -68,9 +68,9 @@ class DampingContext:
     """What a damping object may look at when a step begins."""
 
     curvature: Any  # the step's curvature operator (GGN or Hessian)
-    params: list[Tensor]
     # Averages a per-process estimate over the data-parallel group (identity when single-process).
     reduce: Callable[[Tensor], Tensor] = lambda t: t
+    params: list[Tensor] | None = None  # deprecated: not passed by the optimizer any more
 
 
 _LM = "levenberg-marquardt"
@@ -83,6 +83,16 @@ class Damping:
         init: initial λ (a finite number >= 0).
         adapt: ``(λ, ρ) -> λ``; the Levenberg-Marquardt rule by default, ``None`` for a fixed λ.
     """
+
+    # Whether model_penalty reads the curvature operator at θ₀ (structural damping's J_h δ):
+    # the optimizer then writes θ₀ back into the parameters before asking for it. A subclass
+    # that overrides model_penalty declares it by default.
+    needs_base_point: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model_penalty" in vars(cls) and "needs_base_point" not in vars(cls):
+            cls.needs_base_point = True
 
     def __init__(self, init: float = 1.0, adapt: Callable[[float, float], float] | None | str = _LM) -> None:
         if not (isinstance(init, (int, float)) and init >= 0 and init == init and init != float("inf")):
@@ -104,8 +114,12 @@ class Damping:
         return 0.0
 
     def augment_closure(self, closure: Callable) -> Callable:
-        """Hook: may wrap the curvature closure."""
+        """Hook: may wrap the curvature closure (kept for rules written against 0.1.0; the
+        ones here add curvature terms through :meth:`curvature_kwargs` instead)."""
         return closure
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Lent the optimizer's random stream, for a rule that draws and has none of its own."""
 
     def curvature_kwargs(self) -> dict:
         """Extra keyword arguments for the curvature operator (structural damping adds
@@ -177,6 +191,11 @@ class ScaleSensitive(Damping):
             raise TypeError("estimator must have an estimate(curvature) method")
         self.estimator, self.kappa = estimator, kappa
         self.d: Tensor | None = None
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        use = getattr(self.estimator, "use_generator", None)  # the estimator's probes draw from it
+        if use is not None:
+            use(generator)
 
     def prepare(self, context: DampingContext) -> None:
         from .preconditioners import DiagonalPreconditioner

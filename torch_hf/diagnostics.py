@@ -1,0 +1,49 @@
+"""What a step did, as data: :attr:`HessianFree.last_step` and :attr:`HessianFree.history`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["StepDiagnostics"]
+
+
+@dataclass
+class StepDiagnostics:
+    """What one HF step did (``opt.last_step``).
+
+    ``rho_informative`` is ``False`` when the step changed the loss, and the model predicted
+    a change, below the loss's float resolution (ρ is rounding noise then, and λ is left
+    alone). After ``3`` such steps in a row the optimizer looks at the exact Hessian once
+    (:mod:`torch_hf.lanczos`) and ``stall`` says what it found: ``"converged"`` (no negative
+    curvature: a minimum, reached to the loss's resolution; ``converged`` is then ``True``),
+    ``"saddle"`` (a negative eigenvalue the Gauss-Newton matrix does not see), ``"plateau"``
+    (curvature too small for any step to change the loss resolvably) or ``"unknown"`` (the
+    Hessian could not be evaluated). Only the last three warn.
+    """
+
+    step: int = 0
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    rho: float = float("nan")
+    damping: float = float("nan")
+    damping_next: float = float("nan")
+    cg_iterations: int = 0
+    cg_stop_reason: str = ""
+    chosen_iteration: int = 0
+    line_search_alpha: float = float("nan")
+    predicted_reduction: float = float("nan")
+    rho_informative: bool = True
+    converged: bool = False
+    stall: str = ""
+    directional_derivative: float = float("nan")
+    curvature_products: int = 0
+    objective_evaluations: int = 0
+    backtracking_evaluations: int = 0
+    line_search_evaluations: int = 0
+    grad_norm: float = float("nan")
+    step_norm: float = 0.0
+    accepted: bool = False
+    wall_time_s: float = 0.0
+    times: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
