@@ -504,7 +504,7 @@ def test_closures_that_differentiate_w_r_t_their_inputs_work_at_trial_points():
 
     opt = HessianFree(case.params, cg_max_iters=30)
     losses = [float(opt.step(closure)) for _ in range(12)]
-    assert opt._trial_needs_grad
+    assert opt._trial_call.needs_grad
     assert opt.last_step.accepted and opt.last_step.objective_evaluations >= 1
     assert losses[-1] < 0.5 * losses[0] and all(b <= a for a, b in zip(losses, losses[1:]))
     assert all(grad_modes[-opt.last_step.objective_evaluations:])
@@ -522,7 +522,7 @@ def test_plain_closures_keep_trial_points_graph_free():
     opt = HessianFree(model.parameters(), cg_max_iters=10)
     opt.step(recording_closure)
     evals = opt.last_step.objective_evaluations
-    assert evals >= 1 and not opt._trial_needs_grad
+    assert evals >= 1 and not opt._trial_call.needs_grad
     assert grad_modes[0] and not any(grad_modes[-evals:])  # the curvature evaluation needs a graph, trials do not
 
 

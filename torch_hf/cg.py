@@ -124,31 +124,11 @@ def cg(
     Returns:
         :class:`CGResult`.
     """
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    if min_iters < 0 or min_iters > max_iters:
-        raise ValueError(f"min_iters must be in [0, max_iters], got {min_iters}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    if trust_radius is not None and not trust_radius > 0:
-        raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
-    if overhead_iters is not None and not overhead_iters >= 0:
-        raise ValueError(f"overhead_iters must be >= 0, got {overhead_iters}")
+    _check_arguments(max_iters, min_iters, tol, check_every, trust_radius, overhead_iters)
     solve = precondition if precondition is not None else (lambda r: r)
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = (mv(x) - b) if x0 is not None else -b  # fresh tensors: r is updated in place
-    y = solve(r)
-    p = -y  # a fresh tensor: updated in place below
+    x, r, y, p, q_dev, ok_dev = _start(mv, b, x0, solve, max_iters)
     ry = torch.dot(r, y)
     save_at = set(backtracking_schedule(max_iters, backtracking_factor))
-    # Per-iteration scalars stay on the device and are read back every check_every steps.
-    q_dev = torch.empty(max_iters + 1, dtype=b.dtype, device=b.device)
-    ok_dev = torch.ones(max_iters + 1, dtype=torch.bool, device=b.device)
-    q_dev[0] = 0.5 * torch.dot(r - b, x)
-    if not bool(torch.isfinite(q_dev[0])):
-        raise FloatingPointError("CG: the initial residual is not finite (non-finite product or b)")
     good = torch.ones((), dtype=torch.bool, device=b.device)  # no bad curvature seen so far
     finite = torch.ones((), dtype=torch.bool, device=b.device)  # no non-finite product seen
     q_host: list[float] = []
@@ -167,16 +147,10 @@ def cg(
             i += 1
             stop_reason = "bad"
             break
-        if eager:
-            alpha = ry / pap
-        else:
-            # A bad product freezes x and r (α = 0, A p masked) until the next check stops CG.
-            alpha = torch.where(good, ry / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-            ap = ap.masked_fill(~good, 0.0)
+        alpha, ap = _step_length(ry, pap, ap, ok, good, eager)
         if trust_radius is not None:
             x_next = torch.addcmul(x, alpha, p)
-            w = trust_metric if trust_metric is not None else 1.0
-            if not bool(good) or float((x_next * w * x_next).sum()) > trust_radius**2:
+            if not bool(good) or _outside(x_next, trust_radius, trust_metric):
                 x = x + _boundary_step(x, p, trust_radius, trust_metric) * p
                 r = mv(x) - b
                 i += 1
@@ -198,15 +172,9 @@ def cg(
                 stop_reason = "bad"
                 break
             q_host.extend(q_dev[len(q_host) : i + 1].tolist())
-            q_i = q_host[i]
-            k = max(10, math.ceil(0.1 * i))
-            if i >= max(min_iters, k + 1) and q_i < 0 and (q_i - q_host[i - k]) / q_i < tol:
-                stop_reason = "progress"
-                break
-            w = max(2, math.ceil(0.1 * i))  # the rate test's own, shorter window
-            if overhead_iters is not None and i >= max(min_iters, w) and q_i < 0 \
-                    and (q_host[i - w] - q_i) * (overhead_iters + i) < -q_i * w:
-                stop_reason = "rate"
+            reason = _stop_test(q_host, i, min_iters, tol, overhead_iters)
+            if reason is not None:
+                stop_reason = reason
                 break
         if i == max_iters:
             break
@@ -215,16 +183,84 @@ def cg(
         beta = ry_next / torch.where(ry != 0, ry, torch.ones_like(ry))
         p.mul_(beta).sub_(y)
         ry = ry_next
+    return _result(x, i, stop_reason, bool(finite), q_dev, ok_dev, q_host, saved)
+
+
+def _start(mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, solve: Callable[[Tensor], Tensor],
+           max_iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x₀, r₀ = A x₀ − b, y₀ = P⁻¹ r₀, p₀ = −y₀, and the device buffers of q and of the
+    curvature checks (read back every ``check_every`` iterations), q(x₀) filled in."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = (mv(x) - b) if x0 is not None else -b  # fresh tensors: r is updated in place
+    y = solve(r)
+    p = -y  # a fresh tensor: updated in place
+    q_dev = torch.empty(max_iters + 1, dtype=b.dtype, device=b.device)
+    ok_dev = torch.ones(max_iters + 1, dtype=torch.bool, device=b.device)
+    q_dev[0] = 0.5 * torch.dot(r - b, x)
+    if not bool(torch.isfinite(q_dev[0])):
+        raise FloatingPointError("CG: the initial residual is not finite (non-finite product or b)")
+    return x, r, y, p, q_dev, ok_dev
+
+
+def _step_length(ry: Tensor, pap: Tensor, ap: Tensor, ok: Tensor, good: Tensor, eager: bool) -> tuple[Tensor, Tensor]:
+    """α = rᵀy / pᵀAp. Between host checks a bad product freezes x and r (α = 0, A p masked)
+    until the next check stops CG."""
+    if eager:
+        return ry / pap, ap
+    alpha = torch.where(good, ry / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+    return alpha, ap.masked_fill(~good, 0.0)
+
+
+def _outside(x: Tensor, radius: float, metric: Tensor | None) -> bool:
+    """‖x‖_P > radius (P the trust region's metric, the identity when ``None``)."""
+    w = metric if metric is not None else 1.0
+    return float((x * w * x).sum()) > radius**2
+
+
+def _check_arguments(max_iters: int, min_iters: int, tol: float, check_every: int, trust_radius: float | None,
+                     overhead_iters: float | None) -> None:
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if min_iters < 0 or min_iters > max_iters:
+        raise ValueError(f"min_iters must be in [0, max_iters], got {min_iters}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if trust_radius is not None and not trust_radius > 0:
+        raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
+    if overhead_iters is not None and not overhead_iters >= 0:
+        raise ValueError(f"overhead_iters must be >= 0, got {overhead_iters}")
+
+
+def _stop_test(q: list[float], i: int, min_iters: int, tol: float, overhead_iters: float | None) -> str | None:
+    """The termination tests at iteration ``i`` from q(x_0..x_i) on the host: relative
+    progress (§4) and, with ``overhead_iters``, the rate rule (the module docstring)."""
+    q_i = q[i]
+    k = max(10, math.ceil(0.1 * i))
+    if i >= max(min_iters, k + 1) and q_i < 0 and (q_i - q[i - k]) / q_i < tol:
+        return "progress"
+    w = max(2, math.ceil(0.1 * i))  # the rate test's own, shorter window
+    if overhead_iters is not None and i >= max(min_iters, w) and q_i < 0 \
+            and (q[i - w] - q_i) * (overhead_iters + i) < -q_i * w:
+        return "rate"
+    return None
+
+
+def _result(x: Tensor, i: int, stop_reason: str, finite: bool, q_dev: Tensor, ok_dev: Tensor, q_host: list[float],
+            saved: list[tuple[int, Tensor]]) -> CGResult:
+    """The :class:`CGResult` of a run that ended at iteration ``i``: after bad curvature,
+    the last good iterate (x is frozen since the first bad step, so x equals it)."""
     last = i
     if stop_reason == "bad":
         # Iteration j is bad when ok_dev[j] is false: x_j = x_{j-1}; keep up to the last good one.
         flags = ok_dev[: i + 1].tolist()
         last = flags.index(False) - 1
-        stop_reason = "negative_curvature" if bool(finite) else "non_finite"
+        stop_reason = "negative_curvature" if finite else "non_finite"
     q_host = (q_host + q_dev[len(q_host) : last + 1].tolist())[: last + 1]
     saved = [(it, xi) for it, xi in saved if it <= last]
     if not saved or saved[-1][0] != last:
-        saved.append((last, x))  # x is frozen since the first bad step, so x == x_last
+        saved.append((last, x))
     saved_out = [(it, xi, q_host[it]) for it, xi in saved]
     return CGResult(x=saved_out[-1][1], q=saved_out[-1][2], iterations=last, stop_reason=stop_reason,
                     saved=saved_out, q_history=q_host)

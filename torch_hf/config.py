@@ -8,8 +8,11 @@ Each error names the :class:`~torch_hf.HessianFree` argument it is about.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CGConfig", "LineSearchConfig", "GROUP_KEYS"]
+import torch
+
+__all__ = ["CGConfig", "LineSearchConfig", "GROUP_KEYS", "check_options", "check_parts"]
 
 # What a parameter group may hold besides its parameters.
 GROUP_KEYS = ("lr", "weight_decay")
@@ -67,3 +70,32 @@ class LineSearchConfig:
         if not 0 < self.beta < 1:
             raise ValueError(f"Invalid line_search_beta: {self.beta} (must be in (0, 1))")
         _int_at_least("line_search_max_evals", self.max_evals, 1)
+
+
+def check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
+                   curvature_batch) -> None:
+    """The constructor's checks of what is not a part or a config object (each error names its argument)."""
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"Invalid lr: {lr} (must be > 0)")
+    if not weight_decay >= 0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+    if recompute and curvature != "ggn":
+        raise ValueError("recompute=True needs curvature='ggn'")
+    if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+        raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {autocast_dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if history_size is not None and not (isinstance(history_size, int) and history_size >= 0):
+        raise ValueError(f"Invalid history_size: {history_size} (must be an int >= 0, or None)")
+    if curvature_batch is not None and not (isinstance(curvature_batch, int) and curvature_batch >= 1):
+        raise ValueError(f"Invalid curvature_batch: {curvature_batch} (must be an int >= 1, or None)")
+
+
+def check_parts(damping: Any, preconditioner: Any) -> None:
+    from .damping import Damping
+
+    if not isinstance(damping, Damping):
+        raise TypeError(f"damping must be a torch_hf.damping.Damping, got {type(damping).__name__}")
+    for name in ("update", "solve", "diagonal"):
+        if not callable(getattr(preconditioner, name, None)):
+            raise TypeError(f"preconditioner must have a {name}() method (see torch_hf.preconditioners)")

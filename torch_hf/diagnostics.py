@@ -1,9 +1,12 @@
 """What a step did, as data: :attr:`HessianFree.last_step` and :attr:`HessianFree.history`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["StepDiagnostics"]
+__all__ = ["StepDiagnostics", "record"]
+
+logger = logging.getLogger("torch_hf")
 
 
 @dataclass
@@ -47,3 +50,15 @@ class StepDiagnostics:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def record(history: list[StepDiagnostics], diag: StepDiagnostics, size: int | None) -> None:
+    """Append ``diag`` to ``history``, keeping the latest ``size`` (``None``: all, 0: none),
+    and log it at debug level."""
+    if size != 0:
+        history.append(diag)
+        if size is not None and len(history) > size:
+            del history[: len(history) - size]
+    logger.debug("torch_hf step %d: loss %.6g -> %.6g, rho %.3g, lambda %.3g, cg %d (%s), alpha %.3g",
+                 diag.step, diag.loss_before, diag.loss_after, diag.rho, diag.damping, diag.cg_iterations,
+                 diag.cg_stop_reason, diag.line_search_alpha)

@@ -20,12 +20,9 @@ The phases are functions in :mod:`torch_hf.phases`; the damped system is
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import time
-import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -33,42 +30,24 @@ from torch import Tensor
 
 from . import _flat
 from ._denormals import _denormals_flushed, _flushing_denormals  # noqa: F401 - recipes and tests import them here
-from .config import GROUP_KEYS, CGConfig, LineSearchConfig
-from .curvature import GGN, ClosureError, Hessian, NonFiniteLossError, evaluate_closure
+from .checkpoint import STATE_VERSION, load_own_state, own_state, split_state_dict  # noqa: F401
+from .config import GROUP_KEYS, CGConfig, LineSearchConfig, check_options, check_parts
+from .curvature import GGN, Hessian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
-from .diagnostics import StepDiagnostics
+from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
+from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
 from .nn import OffloadActivations
-from .phases import TrialObjective, backtrack, cg_backtracking, line_search, reduction_ratio, solve
+from .phases import (TrialObjective, backtrack, cg_backtracking, line_search, overhead_iterations,  # noqa: F401
+                     reduction_ratio, solve)
 from .preconditioners import GGNDiagonal, Identity, Preconditioner
-from .stall import STALL_STEPS, judge_stall, stall_message
+from .stall import judge_stall, stall_verdict
 
 __all__ = ["HessianFree", "StepDiagnostics", "cg_backtracking"]
 
 logger = logging.getLogger("torch_hf")
 
-# Costs relative to one curvature-vector product on the same batch, for cg_stop="rate"
-# (docs/benchmarks.md: a GGN product costs 1.27 gradients; a forward pass about a third).
-_GRADIENT_PER_PRODUCT = 0.8
-_FORWARD_PER_PRODUCT = 0.3
-# The version of what state_dict() writes; 1 (and no key) is torch_hf 0.1.0's layout.
-STATE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Lines 1–2 of a step: the curvature operator B, the closure's loss (what ``step``
-    returns), f and ∇f at θ₀ with the weight decay, and the batch sizes' ratio."""
-
-    curvature: Any
-    loss: Tensor
-    f: float
-    grad: Tensor
-    theta0: Tensor
-    resolution: float  # the loss's float resolution at θ₀
-    separate_gradient: bool  # the gradient batch is not the curvature batch
-    batch_ratio: float  # gradient batch / curvature batch (by the outputs' sizes)
 
 
 class HessianFree(torch.optim.Optimizer):
@@ -90,16 +69,11 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: most CG iterations per step (§8.7: 250).
         cg_min_iters: fewest CG iterations before progress termination.
         cg_tol: relative-progress threshold of §4.
-        cg_stop: ``"rate"`` (default): CG also stops once its recent decrease of the
-            quadratic model per iteration falls below the step's average decrease per unit
-            of cost, counting the rest of the step (curvature evaluation, preconditioner,
-            the gradient on a larger gradient batch, trial objectives) in products
-            (:func:`torch_hf.cg.cg`). That is the economical truncation §4 alludes to; with
-            minibatches it buys more updates per second. The costs are counted from the
-            batch sizes, not timed, so runs are reproducible. ``"progress"``: only the
-            relative-progress test (``cg_tol``) and ``cg_max_iters``, the paper's rule;
-            prefer it for full-batch precise fits (PINNs, regression to 1e-8), where long
-            CG runs pay off.
+        cg_stop: ``"rate"`` (default): CG also stops once its model decrease per iteration
+            falls below the step's average per unit of cost, the rest of the step counted
+            in products from the batch sizes (:mod:`torch_hf.cg`; §4's economical
+            truncation, more updates per second with minibatches). ``"progress"``: the
+            paper's rule alone; prefer it for full-batch precise fits (PINNs, regression).
         cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
         backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
             disables backtracking (the last iterate is used).
@@ -109,31 +83,21 @@ class HessianFree(torch.optim.Optimizer):
         trust_radius: if set, Steihaug-Toint truncation of CG at ‖δ‖_P = radius (§8.6).
         cg_check_every: CG reads its termination scalars on the host (a synchronisation
             on an accelerator) every this many iterations; ``None``: 1 on CPU, 5 elsewhere.
-            Between checks CG may run a few iterations past the progress criterion.
         loss_hvp: optional declared L'' for the GGN (see :class:`torch_hf.GGN`).
-        process_group: data parallelism (:mod:`torch_hf.distributed`). ``None`` (default)
-            averages loss, gradient, curvature products, diagonal estimates and trial
-            objectives over the default ``torch.distributed`` group when one is
-            initialised with more than one process; a group object uses that group;
-            ``False`` never communicates. Each process's closure must return the mean
-            loss over its shard, shards of equal size; parameters are broadcast from
-            rank 0 on the first step.
-        offload_activations: keep the activations cached for CG in host memory and copy
-            them to the device for each product (§7.1; :class:`torch_hf.nn.OffloadActivations`).
-            A no-op for tensors already on the CPU.
+        process_group: data parallelism (:mod:`torch_hf.distributed`): ``None`` (default)
+            averages over the default group when one is initialised with more than one
+            process, a group object over that group, ``False`` never. Each closure returns
+            the mean loss over its shard; shards of equal size.
+        offload_activations: keep the activations cached for CG in host memory (§7.1;
+            :class:`torch_hf.nn.OffloadActivations`).
         recompute: GGN products re-run the closure instead of caching its activations
-            (forward-mode J v + one reverse pass; :class:`torch_hf.GGN`'s ``recompute``):
-            with ``torch_hf.nn.unroll(..., checkpoint="sqrt")`` a T-step RNN keeps O(√T)
-            states during CG (§7.1).
-        autocast_dtype: run every closure call under ``torch.autocast`` with this dtype
-            (e.g. ``torch.bfloat16``) on the parameters' device type; gradients, CG
-            vectors and products stay in the parameters' dtype (float32).
-        generator: the optimizer's random stream (a CPU ``torch.Generator``): the random
-            probes of the GGN-diagonal preconditioner (§11.4) and of scale-sensitive
-            damping come from it unless those objects were given a generator of their
-            own. ``None``: a new generator seeded from the global RNG at construction
-            (so ``torch.manual_seed`` still makes runs repeatable). Its state is part of
-            :meth:`state_dict`, so a saved and reloaded run continues bit for bit.
+            (:class:`torch_hf.GGN`'s ``recompute``; with ``torch_hf.nn.unroll(...,
+            checkpoint="sqrt")`` an RNN keeps O(√T) states during CG, §7.1).
+        autocast_dtype: run every closure call under ``torch.autocast`` with this dtype;
+            CG vectors and products stay in the parameters' dtype.
+        generator: the optimizer's random stream (a CPU ``torch.Generator``), lent to the
+            parts that draw random probes and have none of their own (§11.4). ``None``: one
+            seeded from the global RNG at construction. Saved by :meth:`state_dict`.
         curvature_batch: the one-closure form of §12.1: the curvature products use the
             first ``curvature_batch`` cases of the gradient batch. The closure then takes
             the cases to evaluate, ``closure(cases=slice(None))``, and the optimizer calls
@@ -142,13 +106,9 @@ class HessianFree(torch.optim.Optimizer):
             curvature uses the gradient batch or ``step``'s ``curvature_closure``.
         history_size: how many :class:`StepDiagnostics` :attr:`history` keeps (the
             latest); ``None`` keeps all, 0 none. :attr:`last_step` is always kept.
-        flush_denormal: on CPU, treat subnormal floats as zero while the step runs
-            (``torch.set_flush_denormal``), and restore the caller's mode afterwards.
-            Deep logistic networks at sparse initialization back-propagate values below
-            float32's normal range, which x86 CPUs handle in slow microcode: on the CURVES
-            autoencoder a gradient on 250 cases costs 111 ms with subnormals and 12 ms
-            without (1 thread, ``benchmarks/subnormals.py``). Values this small
-            (< 1.2e-38 in float32) carry nothing the step can use. No effect on other devices or where the CPU lacks the mode.
+        flush_denormal: on CPU, treat subnormal floats as zero while the step runs and
+            restore the caller's mode afterwards: x86 handles them in slow microcode (a
+            CURVES gradient: 111 ms with them, 12 ms without, ``benchmarks/subnormals.py``).
 
     The closure returns ``(loss, outputs)`` (or only ``loss`` for
     ``curvature="hessian"``) with no ``backward()`` inside (the README's "closure
@@ -198,13 +158,13 @@ class HessianFree(torch.optim.Optimizer):
         self.cg = CGConfig(cg_max_iters, cg_min_iters, cg_tol, cg_stop, cg_decay, backtracking_factor, trust_radius,
                            cg_check_every)
         self.line_search = LineSearchConfig(line_search_c, line_search_beta, line_search_max_evals)
-        _check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
-                       curvature_batch)
+        check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
+                      curvature_batch)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.curvature, self.loss_hvp, self.process_group = curvature, loss_hvp, process_group
         self.damping = Tikhonov(1.0) if damping is None else damping
         self.preconditioner = GGNDiagonal(0.75) if preconditioner is None else preconditioner
-        _check_parts(self.damping, self.preconditioner)
+        check_parts(self.damping, self.preconditioner)
         self.offload_activations, self.recompute = bool(offload_activations), bool(recompute)
         self.autocast_dtype, self.curvature_batch = autocast_dtype, curvature_batch
         self.history_size, self.flush_denormal = history_size, bool(flush_denormal)
@@ -213,7 +173,7 @@ class HessianFree(torch.optim.Optimizer):
         self.history: list[StepDiagnostics] = []
         self._reducer: Reducer | None = None
         self._reducer_group: Any = None
-        self._trial_needs_grad = False
+        self._trial_call = TrialCall()  # remembers whether the closure needs autograd at trial points
         self._last_trial_evaluations = 2  # the last step's trial objectives: the next one's expected count
         self._warned_stall = False
         self._safe_kernels: bool | None = None  # decided by the first curvature operator
@@ -297,40 +257,19 @@ class HessianFree(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch.optim's ``{"state", "param_groups"}`` (the step counter and δ₍k−1₎ per the
-        first parameter) and ``"hessian_free"``: the version, λ and its rule's state, the
-        preconditioner's state, the random stream and the expected trial count. Reading it
-        changes nothing."""
+        """torch.optim's ``{"state", "param_groups"}`` (the step counter and δ₍k−1₎ in the
+        first parameter's state) and ``"hessian_free"`` (:mod:`torch_hf.checkpoint`).
+        Reading it changes nothing."""
         out = super().state_dict()
-        out["hessian_free"] = {
-            "version": STATE_VERSION, "damping": self.damping.state_dict(),
-            "preconditioner": self.preconditioner.state_dict(),
-            # A list, not a tensor: Optimizer.load_state_dict casts tensors to the parameters' dtype.
-            "generator": self.generator.get_state().tolist(),
-            # cg_stop="rate" counts the next step's trial objectives from the last step's
-            "last_trial_evaluations": self._last_trial_evaluations}
+        out["hessian_free"] = own_state(self.damping, self.preconditioner, self.generator,
+                                        self._last_trial_evaluations)
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what :meth:`state_dict` wrote, or a checkpoint of torch_hf 0.1.0 (its extra
-        state inside the first parameter's, its settings in every parameter group)."""
-        state_dict = dict(state_dict)
-        own = state_dict.pop("hessian_free", None)
-        state_dict["param_groups"] = [{k: v for k, v in g.items() if k == "params" or k in GROUP_KEYS}
-                                      for g in state_dict["param_groups"]]
+        """Load what :meth:`state_dict` wrote, or a checkpoint of torch_hf 0.1.0."""
+        state_dict, own = split_state_dict(state_dict)
         super().load_state_dict(state_dict)
-        if own is None:  # 0.1.0: the same entries, kept in the first parameter's state
-            st = self._state()
-            own = {k: st.pop(k) for k in ("damping", "preconditioner", "generator", "last_trial_evaluations")
-                   if k in st}
-        if "damping" in own:
-            self.damping.load_state_dict(own["damping"])
-        if "preconditioner" in own:
-            self.preconditioner.load_state_dict(own["preconditioner"])
-        if "generator" in own:
-            self.generator.set_state(torch.tensor(own["generator"], dtype=torch.uint8))
-        if "last_trial_evaluations" in own:
-            self._last_trial_evaluations = int(own["last_trial_evaluations"])
+        load_own_state(self, own, self._state())
 
     # -- the step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -348,23 +287,10 @@ class HessianFree(torch.optim.Optimizer):
         if curvature_closure is not None and not callable(curvature_closure):
             raise TypeError("curvature_closure must be callable or None")
         if curvature_closure is None and self.curvature_batch is not None:
-            curvature_closure = self._first_cases(closure)
+            curvature_closure = first_cases(closure, self.curvature_batch)
         flush = self.flush_denormal and self._params()[0].device.type == "cpu"
         with _denormals_flushed(flush):
             return self._step(self._autocast(closure), self._autocast(curvature_closure))
-
-    def _first_cases(self, closure: Callable) -> Callable:
-        """The curvature closure of the one-closure form: ``closure(slice(0, curvature_batch))``."""
-        try:
-            takes_cases = bool(inspect.signature(closure).parameters)
-        except (TypeError, ValueError):  # a builtin or C callable: assume it does
-            takes_cases = True
-        if not takes_cases:
-            raise ClosureError(f"curvature_batch={self.curvature_batch} needs a closure that takes the cases to "
-                               "evaluate: def closure(cases=slice(None)): xb, yb = x[cases], y[cases]; ...; "
-                               "or pass a curvature_closure to step()")
-        cases = slice(0, self.curvature_batch)
-        return lambda: closure(cases)
 
     def _step(self, closure: Callable, curvature_closure: Callable | None) -> Tensor:
         """Algorithm 3, one phase per line; ``times`` records each phase's wall time."""
@@ -377,15 +303,18 @@ class HessianFree(torch.optim.Optimizer):
             for generator in self._generators():  # the random probes then agree across the group
                 reducer.broadcast_generator(generator, params[0])
         with _timed(times, "gradient_and_curvature"):  # lines 1-2
-            ev = self._evaluate(params, closure, curvature_closure, decay, reducer)
+            ev = evaluate(params, closure, curvature_closure, self._curvature_operator,
+                          "extra_hvp" in self.damping.curvature_kwargs(), decay, reducer)
         with _timed(times, "preconditioner"):  # line 3
             lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer)
         with _timed(times, "cg"):  # line 4
-            overhead = self._overhead_iterations(ev) if self.cg.stop == "rate" else None
+            overhead = overhead_iterations(ev.batch_ratio, ev.separate_gradient,
+                                           not isinstance(self.preconditioner, Identity),
+                                           self._last_trial_evaluations) if self.cg.stop == "rate" else None
             result = solve(A, ev.grad, state.get("delta"), self.preconditioner, self.cg,
                            self._check_every(params), overhead)
         with _timed(times, "backtracking_and_line_search"):
-            objective = TrialObjective(params, closure, self._call_at_trial_point, decay, reducer, ev.theta0)
+            objective = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)
             chosen, delta, q_chosen, f_best = backtrack(result, objective, self.cg.backtracking_factor is None)
             backtracking_evaluations = objective.evaluations  # line 5
             if self.damping.needs_base_point:
@@ -398,8 +327,14 @@ class HessianFree(torch.optim.Optimizer):
                                               informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
-        stall = self._stall_verdict(params, closure, decay, reducer, ev, informative, state, times)
-        self._record(StepDiagnostics(
+        def judge() -> tuple[str, str]:
+            with _timed(times, "stall_check"):
+                return judge_stall(params, closure, decay, reducer, ev.theta0, ev.resolution, self._safe_kernels)
+
+        stall, warned = stall_verdict(state, informative, judge, float(ev.grad.norm()), ev.resolution,
+                                      not self._warned_stall)
+        self._warned_stall |= warned
+        self.last_step = StepDiagnostics(
             step=state["step"], loss_before=ev.f, loss_after=f_new if step_scale == alpha else math.nan, rho=rho,
             damping=lam, damping_next=self.damping.value, cg_iterations=result.iterations,
             cg_stop_reason=result.stop_reason, chosen_iteration=chosen, line_search_alpha=alpha,
@@ -408,55 +343,13 @@ class HessianFree(torch.optim.Optimizer):
             objective_evaluations=objective.evaluations, backtracking_evaluations=backtracking_evaluations,
             line_search_evaluations=objective.evaluations - backtracking_evaluations,
             grad_norm=float(ev.grad.norm()), step_norm=float(delta.norm()) * step_scale, accepted=step_scale > 0,
-            wall_time_s=time.perf_counter() - t_start, times=times))
+            wall_time_s=time.perf_counter() - t_start, times=times)
+        record(self.history, self.last_step, self.history_size)
         return ev.loss
 
-    def _evaluate(self, params: list[Tensor], closure: Callable, curvature_closure: Callable | None,
-                  decay: WeightDecay, reducer: Reducer | None) -> Evaluation:
-        """Lines 1-2: f(θ) and ∇f on the gradient batch, and the curvature operator B on
-        the curvature batch (the same batch when ``curvature_closure`` is None), its
-        activations cached for CG (§7.1). A :class:`NonFiniteLossError` leaves θ as it is;
-        under data parallelism every process raises it, none is left waiting."""
-        failure: NonFiniteLossError | None = None
-        separate, ratio = False, 1.0
-        try:
-            op = self._curvature_operator(params, closure, curvature_closure)
-            if curvature_closure is None:
-                f_loss, f_grad = op.loss, op.grad
-            else:
-                separate = True
-                extras: list | None = [] if "extra_hvp" in self.damping.curvature_kwargs() else None
-                with _blame("closure (the gradient batch)"):
-                    loss_t, outs = evaluate_closure(closure, need_outputs=False, extras=extras, params=params)
-                if outs and op.outputs and op.outputs[0].numel():
-                    ratio = outs[0].numel() / op.outputs[0].numel()
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(loss_t, params, allow_unused=True)
-                f_loss, f_grad = loss_t.detach(), _flat.flatten(grads, params)
-        except NonFiniteLossError as exc:
-            if reducer is None:
-                raise
-            failure = exc  # tell the other processes before raising
-        if reducer is not None:
-            # One all-reduce carries the loss and any failure: a NaN from a failed process
-            # makes the mean NaN everywhere, so every process raises.
-            mean_loss = reducer.mean_float(math.nan if failure is not None else float(f_loss), params[0])
-            if not math.isfinite(mean_loss):
-                raise failure or NonFiniteLossError("the loss is not finite on another process of the group")
-            f_loss = torch.tensor(mean_loss, dtype=f_loss.dtype, device=f_loss.device)
-            f_grad = reducer.mean(f_grad)
-        theta0 = torch.cat([p.detach().reshape(-1) for p in params])
-        f = float(f_loss) + decay.penalty(theta0)
-        grad = decay.gradient(f_grad, theta0)
-        if not bool(torch.isfinite(grad).all()):
-            which = "closure (the gradient batch)" if separate else "the closure"
-            raise NonFiniteLossError(f"{which}: the gradient of the loss is not finite at the current parameters, "
-                                     "though the loss is (an inf·0 or a non-differentiable point, such as sqrt at 0)")
-        resolution = 8 * torch.finfo(f_loss.dtype).eps * max(abs(f), 1e-30)
-        return Evaluation(op, f_loss, f, grad, theta0, resolution, separate, ratio)
-
-    def _curvature_operator(self, params: list[Tensor], closure: Callable, curvature_closure: Callable | None):
-        """B on the curvature batch: the GGN (with the damping's extra term) or the Hessian."""
+    def _curvature_operator(self, closure: Callable, which: str):
+        """B on ``closure``'s batch (the closure named ``which`` in errors): the GGN, with the
+        damping's extra term, or the Hessian."""
         damping_kwargs = self.damping.curvature_kwargs()
         if self.curvature == "ggn":
             op_cls, kwargs = GGN, {"loss_hvp": self.loss_hvp, **damping_kwargs}
@@ -468,10 +361,9 @@ class HessianFree(torch.optim.Optimizer):
             op_cls, kwargs = Hessian, {}
         offload = OffloadActivations() if self.offload_activations else contextlib.nullcontext()
         self.last_offload = offload if self.offload_activations else None
-        which = "curvature_closure (the curvature batch)" if curvature_closure is not None else "the closure"
-        with offload, _blame(which):
-            op = op_cls(params, self.damping.augment_closure(curvature_closure or closure),
-                        safe_kernels=self._safe_kernels, **kwargs)
+        with offload, blame(which):
+            op = op_cls(self._params(), self.damping.augment_closure(closure), safe_kernels=self._safe_kernels,
+                        **kwargs)
         self._safe_kernels = op.safe_kernels
         return op
 
@@ -486,41 +378,6 @@ class HessianFree(torch.optim.Optimizer):
         self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(), **reduce_kwargs)
         return DampedOperator(ev.curvature, self.damping, decay, reducer)
 
-    def _overhead_iterations(self, ev: Evaluation) -> float:
-        """What this step costs outside CG, in CG iterations (products on the curvature
-        batch), for ``cg_stop="rate"``: counted, not timed, so runs stay reproducible and
-        every process of a group stops CG at the same iteration. The curvature evaluation
-        and the preconditioner's estimate cost about one product each; a gradient on the
-        gradient batch ``r`` times the curvature batch ``_GRADIENT_PER_PRODUCT·r``; each
-        trial objective (as many as the last step needed) ``_FORWARD_PER_PRODUCT·r``."""
-        r = ev.batch_ratio
-        cost = 1.0 + (0.0 if isinstance(self.preconditioner, Identity) else 1.0)
-        if ev.separate_gradient:
-            cost += _GRADIENT_PER_PRODUCT * r
-        return cost + self._last_trial_evaluations * _FORWARD_PER_PRODUCT * r
-
-    def _call_at_trial_point(self, closure: Callable):
-        """Run the closure for a trial objective: under ``no_grad`` (no graph is kept, so
-        trial points cost a plain forward pass), unless the closure differentiates inside
-        (a PINN's Δu by ``torch.autograd.grad``): then it raises under ``no_grad``, is called
-        again with grad enabled, and from then on always so (logged once). ``torch.func``
-        transforms work under ``no_grad`` as they are."""
-        if not self._trial_needs_grad:
-            try:
-                with torch.no_grad():
-                    return closure()
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError as no_grad_error:
-                with torch.enable_grad():  # a second failure propagates, chained to the first
-                    result = closure()
-                self._trial_needs_grad = True
-                logger.info("torch_hf: the closure needs autograd at trial points (%s); evaluating them with "
-                            "grad enabled from now on", str(no_grad_error).splitlines()[0][:120])
-                return result
-        with torch.enable_grad():
-            return closure()
-
     def _apply(self, params: list[Tensor], theta0: Tensor, delta: Tensor, alpha: float, last_iterate: Tensor,
                state: dict) -> float:
         """Line 8: θ ← θ₀ + lr·α·δ (θ₀ itself, bit for bit, when the step is rejected); CG's
@@ -534,80 +391,8 @@ class HessianFree(torch.optim.Optimizer):
         state["delta"] = last_iterate.detach().clone()
         return step_scale
 
-    def _stall_verdict(self, params: list[Tensor], closure: Callable, decay: WeightDecay, reducer: Reducer | None,
-                       ev: Evaluation, informative: bool, state: dict, times: dict) -> str:
-        """Count the steps in a row below the loss's float resolution; at ``STALL_STEPS``
-        judge once whether θ is a minimum (:func:`torch_hf.stall.judge_stall`) and warn,
-        once per optimizer, unless it is. The verdict holds until a step is informative."""
-        if informative:
-            state["uninformative_steps"], state["stall"] = 0, ""
-            return ""
-        state["uninformative_steps"] = state.get("uninformative_steps", 0) + 1
-        if state["uninformative_steps"] < STALL_STEPS:
-            return ""
-        if not state.get("stall"):
-            with _timed(times, "stall_check"):
-                state["stall"], detail = judge_stall(params, closure, decay, reducer, ev.theta0, ev.resolution,
-                                                     self._safe_kernels)
-            logger.info("torch_hf: %d steps below the loss's float resolution: %s (%s)",
-                        state["uninformative_steps"], state["stall"], detail)
-            if state["stall"] != "converged" and not self._warned_stall:
-                self._warned_stall = True
-                warnings.warn(stall_message(state["stall"], state["uninformative_steps"], float(ev.grad.norm()),
-                                            ev.resolution, detail), RuntimeWarning, stacklevel=4)
-        return state["stall"]
-
-    def _record(self, diag: StepDiagnostics) -> None:
-        self.last_step = diag
-        if self.history_size != 0:
-            self.history.append(diag)
-            if self.history_size is not None and len(self.history) > self.history_size:
-                del self.history[: len(self.history) - self.history_size]
-        logger.debug("torch_hf step %d: loss %.6g -> %.6g, rho %.3g, lambda %.3g, cg %d (%s), alpha %.3g",
-                     diag.step, diag.loss_before, diag.loss_after, diag.rho, diag.damping, diag.cg_iterations,
-                     diag.cg_stop_reason, diag.line_search_alpha)
-
-
 @contextlib.contextmanager
 def _timed(times: dict, name: str):
     t = time.perf_counter()
     yield
     times[name] = time.perf_counter() - t
-
-
-@contextlib.contextmanager
-def _blame(which: str):
-    """Name the closure behind a contract violation or a non-finite value."""
-    try:
-        yield
-    except (ClosureError, NonFiniteLossError) as exc:
-        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(which):
-            exc.args = (f"{which}: {exc.args[0]}",) + exc.args[1:]
-        raise
-
-
-def _check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
-                   curvature_batch) -> None:
-    """The constructor's checks of what is not a part or a config object (each error names its argument)."""
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"Invalid lr: {lr} (must be > 0)")
-    if not weight_decay >= 0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
-    if recompute and curvature != "ggn":
-        raise ValueError("recompute=True needs curvature='ggn'")
-    if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
-        raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {autocast_dtype!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if history_size is not None and not (isinstance(history_size, int) and history_size >= 0):
-        raise ValueError(f"Invalid history_size: {history_size} (must be an int >= 0, or None)")
-    if curvature_batch is not None and not (isinstance(curvature_batch, int) and curvature_batch >= 1):
-        raise ValueError(f"Invalid curvature_batch: {curvature_batch} (must be an int >= 1, or None)")
-
-
-def _check_parts(damping: Any, preconditioner: Any) -> None:
-    if not isinstance(damping, Damping):
-        raise TypeError(f"damping must be a torch_hf.damping.Damping, got {type(damping).__name__}")
-    for name in ("update", "solve", "diagonal"):
-        if not callable(getattr(preconditioner, name, None)):
-            raise TypeError(f"preconditioner must have a {name}() method (see torch_hf.preconditioners)")

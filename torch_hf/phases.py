@@ -24,7 +24,7 @@ from .config import CGConfig, LineSearchConfig
 from .curvature import ClosureError
 from .damped import WeightDecay
 
-__all__ = ["TrialObjective", "solve", "backtrack", "reduction_ratio", "line_search", "cg_backtracking"]
+__all__ = ["TrialObjective", "overhead_iterations", "solve", "backtrack", "reduction_ratio", "line_search", "cg_backtracking"]
 
 logger = logging.getLogger("torch_hf")
 
@@ -67,6 +67,27 @@ def write_through_data(params: list[Tensor], flat: Tensor) -> None:
     used once θ₀ is written back — structural damping's model penalty needs J_h δ then."""
     for p, v in zip(params, _flat.unflatten(flat, params)):
         p.data.copy_(v)
+
+
+# Costs relative to one curvature-vector product on the same batch, for cg_stop="rate"
+# (docs/benchmarks.md: a GGN product costs 1.27 gradients; a forward pass about a third).
+_GRADIENT_PER_PRODUCT = 0.8
+_FORWARD_PER_PRODUCT = 0.3
+
+
+def overhead_iterations(batch_ratio: float, separate_gradient: bool, preconditioned: bool,
+                        trial_evaluations: int) -> float:
+    """What a step costs outside CG, in CG iterations (products on the curvature batch),
+    for ``cg_stop="rate"``: counted, not timed, so runs stay reproducible and every process
+    of a group stops CG at the same iteration. The curvature evaluation and the
+    preconditioner's estimate cost about one product each; a gradient on a gradient batch
+    ``r`` times the curvature batch ``_GRADIENT_PER_PRODUCT·r``; each trial objective (as
+    many as the last step needed) ``_FORWARD_PER_PRODUCT·r``."""
+    r = batch_ratio
+    cost = 1.0 + (1.0 if preconditioned else 0.0)
+    if separate_gradient:
+        cost += _GRADIENT_PER_PRODUCT * r
+    return cost + trial_evaluations * _FORWARD_PER_PRODUCT * r
 
 
 def solve(A: Callable[[Tensor], Tensor], grad: Tensor, previous: Tensor | None, preconditioner: Any,

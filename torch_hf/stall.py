@@ -8,6 +8,8 @@ saddle. The verdict is ``"converged"`` (no warning), ``"saddle"``, ``"plateau"``
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Callable
 
 import torch
@@ -17,7 +19,7 @@ from .curvature import Hessian
 from .damped import WeightDecay
 from .lanczos import lanczos_extremes
 
-__all__ = ["STALL_STEPS", "judge_stall", "stall_message"]
+__all__ = ["STALL_STEPS", "stall_verdict", "judge_stall", "stall_message"]
 
 # A stall: this many steps in a row below the loss's float resolution; the Hessian is then
 # probed with this many Lanczos steps, and a lowest eigenvalue below −ratio × the largest
@@ -25,6 +27,30 @@ __all__ = ["STALL_STEPS", "judge_stall", "stall_message"]
 STALL_STEPS = 3
 LANCZOS_STEPS = 20
 SADDLE_RATIO = 1e-3
+
+logger = logging.getLogger("torch_hf")
+
+
+def stall_verdict(state: dict, informative: bool, judge: Callable[[], tuple[str, str]], grad_norm: float,
+                  resolution: float, may_warn: bool) -> tuple[str, bool]:
+    """Count the steps in a row below the loss's float resolution in ``state``; at
+    ``STALL_STEPS`` run ``judge`` once (:func:`judge_stall`) and warn unless it finds a
+    minimum (only when ``may_warn``: once per optimizer). The verdict holds until a step is
+    informative. Returns the verdict ("" while none) and whether a warning was given."""
+    if informative:
+        state["uninformative_steps"], state["stall"] = 0, ""
+        return "", False
+    state["uninformative_steps"] = state.get("uninformative_steps", 0) + 1
+    if state["uninformative_steps"] < STALL_STEPS or state.get("stall"):
+        return state.get("stall", ""), False
+    state["stall"], detail = judge()
+    logger.info("torch_hf: %d steps below the loss's float resolution: %s (%s)", state["uninformative_steps"],
+                state["stall"], detail)
+    if state["stall"] == "converged" or not may_warn:
+        return state["stall"], False
+    warnings.warn(stall_message(state["stall"], state["uninformative_steps"], grad_norm, resolution, detail),
+                  RuntimeWarning, stacklevel=5)
+    return state["stall"], True
 
 
 def _loss_only(closure: Callable) -> Callable[[], Tensor]:
