@@ -731,3 +731,57 @@ def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_bit_for_bit():
         opt.step(closure)
         assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), expected)
     assert opt.damping.value == saved["damping_value"]
+
+
+def test_one_closure_with_curvature_batch_takes_the_two_closure_step():
+    x = torch.rand(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(one_closure: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 6)).double()
+        opt = HessianFree(model.parameters(), curvature_batch=10 if one_closure else None,
+                          generator=torch.Generator().manual_seed(1))
+
+        def closure(cases=slice(None)):
+            xb = x[cases]
+            z = model(xb)
+            return F.binary_cross_entropy_with_logits(z, xb), z
+
+        for _ in range(3):
+            if one_closure:
+                opt.step(closure)
+            else:
+                opt.step(closure, lambda: closure(slice(0, 10)))
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_curvature_batch_needs_a_closure_that_takes_the_cases():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), curvature_batch=8)
+    with pytest.raises(torch_hf.ClosureError, match=r"closure\(cases=slice\(None\)\)"):
+        opt.step(closure_for(model))
+    with pytest.raises(ValueError, match="curvature_batch"):
+        HessianFree(model.parameters(), curvature_batch=0)
+
+
+def test_state_dict_reads_without_side_effects_and_carries_a_version():
+    model, closure_for = _small_autoencoder()
+    opt = HessianFree(model.parameters(), cg_max_iters=5)
+    opt.step(closure_for(model))
+    before = copy.deepcopy(opt.state)
+    sd = opt.state_dict()
+    assert sd["hessian_free"]["version"] == 2
+    assert set(opt._state()) == set(before[next(iter(before))])  # nothing written into the state
+    assert set(sd["param_groups"][0]) == {"params", "lr", "weight_decay"}
+
+
+def test_settings_of_the_whole_optimizer_are_refused_in_added_param_groups():
+    model, _ = _small_autoencoder()
+    opt = HessianFree([model[0].weight])
+    with pytest.raises(ValueError, match="cg_tol"):
+        opt.add_param_group({"params": [model[0].bias], "cg_tol": 1e-3})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [model[0].bias], "lr": 0.5})
+    opt.add_param_group({"params": [model[0].bias], "weight_decay": 1e-3})  # may differ per group
