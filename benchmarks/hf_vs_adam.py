@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_hf  # noqa: E402
 from recipes.models import CURVES_LAYERS, deep_autoencoder  # noqa: E402
+from recipes.runner import Budget, Run  # noqa: E402
 
 PROBLEMS = ("curves", "manifold")
 MANIFOLD_LAYERS = (400, 256, 128, 64, 12)
@@ -153,16 +154,19 @@ def run_job(problem: str, optimizer: str, budgets: list[float], lr: float | None
         raise ValueError(f"unknown optimizer {optimizer!r}")
     n = len(x_train)
     x_eval = x_train[:EVAL_CASES]
-    perm, cursor = torch.randperm(n, generator=gen), 0
-    rows: list[dict] = []
-    cpu, updates, cg_iters, pending = 0.0, 0, 0, sorted(budgets)
-    status = "budget"
-    while pending:
+    perm, cursor, cg_iters, pending = torch.randperm(n, generator=gen), 0, [0], sorted(budgets)
+
+    held: list[torch.Tensor] = []
+
+    def next_batch() -> None:  # outside the budget's clock
+        nonlocal perm, cursor
         if cursor + batch > n:
             perm, cursor = torch.randperm(n, generator=gen), 0
-        xb = x_train[perm[cursor : cursor + batch]]
+        held[:] = [x_train[perm[cursor : cursor + batch]]]
         cursor += batch
-        t0 = time.process_time()
+
+    def update() -> dict:
+        xb = held[0]
         if optimizer == "hf":
             xc = xb[:curv]
 
@@ -175,22 +179,35 @@ def run_job(problem: str, optimizer: str, budgets: list[float], lr: float | None
                 return loss_fn(z, xc), z
 
             opt.step(closure, curvature_closure if curv < batch else None)
-            cg_iters += opt.last_step.cg_iterations
+            cg_iters[0] += opt.last_step.cg_iterations
         else:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), xb).backward()
             opt.step()
-        cpu += time.process_time() - t0
-        updates += 1
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            status = "diverged"
-        while pending and (cpu >= pending[0] or status == "diverged"):
-            rows.append({"budget_s": pending.pop(0), "cpu_s": round(cpu, 3), "updates": updates,
-                         "epochs": updates * batch / n, "train_error": squared_error(model, x_eval),
-                         "test_error": squared_error(model, x_test[:EVAL_CASES]),
-                         "cg_per_update": cg_iters / updates if optimizer == "hf" else None})
+        return {}
+
+    def checkpoint(updates: int, cpu: float, extra: dict) -> dict:
+        return {"budget_s": pending.pop(0), "cpu_s": round(cpu, 3), "updates": updates, "epochs": updates * batch / n,
+                "train_error": squared_error(model, x_eval), "test_error": squared_error(model, x_test[:EVAL_CASES]),
+                "cg_per_update": cg_iters[0] / updates if optimizer == "hf" else None}
+
+    run = Run(Budget(max(budgets), clock="cpu"), checkpoint, job_name_of(problem, optimizer, lr), progress=False)
+
+    def more_crossed(row: dict) -> None:  # one update may cross several budgets
+        while pending and run.train_time >= pending[0]:
+            run.evaluate()
+
+    status = run.loop(update, prepare=next_batch, due=lambda: bool(pending) and run.train_time >= pending[0], after_eval=more_crossed,
+                      diverged=lambda: not all(bool(torch.isfinite(p).all()) for p in params))
+    while status == "diverged" and pending:
+        run.evaluate()
+    run.close()
     return {"problem": problem, "optimizer": optimizer, "lr": lr, "hf_options": hf_options, "seed": seed,
-            "flush_denormal": flush_denormal, "status": status, "checkpoints": rows}
+            "flush_denormal": flush_denormal, "status": status, "checkpoints": run.history}
+
+
+def job_name_of(problem: str, optimizer: str, lr: float | None) -> str:
+    return f"{problem} {optimizer}" + (f" lr {lr:g}" if lr is not None else "")
 
 
 def job_name(job: dict) -> str:

@@ -23,8 +23,8 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,10 +36,10 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 import torch_hf  # noqa: E402
 from recipes.data import load_curves, load_mnist  # noqa: E402
 from recipes.models import CURVES_LAYERS, MNIST_LAYERS, deep_autoencoder  # noqa: E402
-from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, progress_bar,  # noqa: E402
-                          save_results, subnormals_flushed)
-from recipes.plot import output_paths as _output_paths  # noqa: E402
-from recipes.cli import add_overwrite_option, curvature_batch, refuse_overwrite, time_report  # noqa: E402
+from recipes.cli import add_overwrite_option, check_args, curvature_batch, refuse_overwrite, time_report  # noqa: E402
+from recipes.runner import (Budget, Run, add_clock_option, add_subnormal_option, diverged, save_results,  # noqa: E402
+                            subnormals_flushed)
+from recipes.runner import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 480.0
 DEFAULT_CURVATURE_BATCH = 250
@@ -185,7 +185,7 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
     """Train as ``cfg`` says (the parsed CLI as a dict); returns the results dict (``None``
     on the processes other than rank 0 of a ``--distributed`` run). On CPU every optimizer
     trains with subnormals flushed to zero unless ``cfg["keep_subnormals"]``
-    (``recipes.plot.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
+    (``recipes.runner.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
     flush = torch.device(cfg["device"]).type == "cpu" and not cfg.get("keep_subnormals")
     with subnormals_flushed(flush) as flushing:
         result = _train(cfg, progress)
@@ -195,7 +195,6 @@ def run(cfg: dict, progress: bool = True) -> dict | None:
 
 
 def _train(cfg: dict, progress: bool) -> dict | None:
-    started = time.perf_counter()
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -206,7 +205,53 @@ def _train(cfg: dict, progress: bool) -> dict | None:
     if cfg.get("distributed"):
         device, rank, world = _init_distributed(cfg, device)
         progress = progress and rank == 0
-    if rank == 0:  # rank 0 generates and caches the data first; the others then read the cache
+    x_train, x_test = _load(cfg, rank, world, device)
+    n = len(x_train)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = deep_autoencoder(LAYERS[cfg["dataset"]], generator=gen).to(device)
+    batch, curv_batch = _batch_sizes(cfg, n, rank, world)
+    opt = _optimizer(cfg, model)
+    budget = cfg["time_budget"] or 0.0
+    eval_every = cfg.get("eval_every") or (budget / 40 if budget > 0 else None)
+    cases = [0]
+
+    def evaluate(it: int, train_time: float, extra: dict) -> dict:
+        train_loss, train_error = evaluate_set(model, x_train)
+        row = {"iter": it, "time_s": round(train_time, 3), "epoch": cases[0] / n, "train_loss": train_loss,
+               "train_error": train_error, "test_error": evaluate_set(model, x_test)[1]}
+        return {**row, **extra}
+
+    run = Run(Budget(budget, cfg.get("max_iters"), cfg.get("clock"), eval_every), evaluate,
+              f"{cfg['dataset']} {cfg['optimizer']}", progress, first_eval=-math.inf,
+              postfix=lambda row: {"train_err": f"{row['train_error']:.3f}", "test_err": f"{row['test_error']:.3f}"})
+    if rank == 0:
+        run.evaluate()
+    update = _updater(cfg, model, opt, x_train, batch, curv_batch, gen, rank, world, device, cases)
+    # rank 0 evaluates and writes the results; without --eval-every, HF every update, the baselines every 10
+    due = (lambda: rank == 0 and run.due()) if eval_every is not None else \
+        (lambda: rank == 0 and (run.iterations % 10 == 0 or cfg["optimizer"] == "hf"))
+    status = run.loop(update, due=due, stop=lambda local: _stop(local, world),  # rank 0's clock decides for all
+                      diverged=lambda: diverged(model.parameters()))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            run.close()
+            return None
+    cfg_out = {k: v for k, v in cfg.items() if k not in ("no_progress",)}
+    if cfg["optimizer"] == "hf":  # the sizes used, as the JSON's readers expect them
+        cfg_out["curvature_batch_size"] = curv_batch
+    cfg_out.update(gradient_batch=batch, curvature_batch=curv_batch if cfg["optimizer"] == "hf" else None)
+    return run.result(cfg_out, status, parameters=sum(p.numel() for p in model.parameters()), train_cases=n,
+                      test_cases=len(x_test), torch_threads=torch.get_num_threads())
+
+
+def _load(cfg: dict, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and test sets on ``device``; rank 0 generates and caches the data
+    first, the others then read the cache."""
+    if rank == 0:
         train_np, test_np = load_data(cfg["dataset"], cfg.get("data_dir"), cfg.get("download", False),
                                       cfg.get("train_size"), cfg.get("test_size"))
     if world > 1:
@@ -220,12 +265,12 @@ def _train(cfg: dict, progress: bool) -> dict | None:
         train_np = train_np[: cfg["train_size"]]
     if cfg.get("test_size"):
         test_np = test_np[: cfg["test_size"]]
-    x_train = torch.from_numpy(np.ascontiguousarray(train_np)).to(device)
-    x_test = torch.from_numpy(np.ascontiguousarray(test_np)).to(device)
-    n = len(x_train)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    model = deep_autoencoder(LAYERS[cfg["dataset"]], generator=gen).to(device)
+    return (torch.from_numpy(np.ascontiguousarray(train_np)).to(device),
+            torch.from_numpy(np.ascontiguousarray(test_np)).to(device))
+
+
+def _batch_sizes(cfg: dict, n: int, rank: int, world: int) -> tuple[int, int]:
+    """The gradient and curvature batches used (the whole set when more is asked, said once)."""
     batch = n if cfg["batch_size"] in (0, None) or cfg["batch_size"] >= n else cfg["batch_size"]
     if cfg["batch_size"] not in (0, None) and cfg["batch_size"] > n and rank == 0:
         print(f"--batch-size {cfg['batch_size']} is more than the {n} training cases: each update uses the whole "
@@ -234,62 +279,45 @@ def _train(cfg: dict, progress: bool) -> dict | None:
         curv_batch = max(1, n // 4)
     else:  # an explicit size above the gradient batch was refused by main(); here only the whole-set case caps it
         curv_batch = min(cfg.get("curvature_batch_size") or DEFAULT_CURVATURE_BATCH, batch)
-    wd = cfg["weight_decay"]
-
     if world > 1 and (batch % world or curv_batch % world):
         raise SystemExit(f"--distributed: the gradient batch ({batch}) and curvature batch ({curv_batch}) must be "
                          f"multiples of the number of processes ({world})")
-    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("autocast") or "none"]
-    if cfg["optimizer"] == "hf":
-        opt = torch_hf.HessianFree(model.parameters(), lr=cfg["lr"], weight_decay=wd, **hf_options(cfg))
-    elif cfg["optimizer"] == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=wd)
+    return batch, curv_batch
 
-    budget = cfg["time_budget"] or 0.0
-    max_iters = cfg.get("max_iters")
-    clock = budget_clock(cfg.get("clock"))
-    if budget <= 0 and not max_iters:
-        raise SystemExit("give a --time-budget or --max-iters")
-    eval_every = cfg.get("eval_every") or (budget / 40 if budget > 0 else None)
-    history: list[dict] = []
-    eval_time = [0.0]
-    perm = torch.randperm(n, generator=gen)
-    cursor = 0
+
+def _optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    wd = cfg["weight_decay"]
+    if cfg["optimizer"] == "hf":
+        return torch_hf.HessianFree(model.parameters(), lr=cfg["lr"], weight_decay=wd, **hf_options(cfg))
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd)
+    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=wd)
+
+
+def _updater(cfg: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, x_train: torch.Tensor, batch: int,
+             curv_batch: int, gen: torch.Generator, rank: int, world: int, device: torch.device,
+             cases: list[int]) -> Callable[[], dict]:
+    """One update on the next minibatch (this process's shard of it under --distributed);
+    returns HF's diagnostics for the next evaluation row."""
+    n, state = len(x_train), {"perm": torch.randperm(len(x_train), generator=gen), "cursor": 0}
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("autocast") or "none"]
 
     def next_batch() -> torch.Tensor:
-        nonlocal perm, cursor
         if batch == n:
             return x_train
-        if cursor + batch > n:
-            perm, cursor = torch.randperm(n, generator=gen), 0
-        idx = perm[cursor : cursor + batch].to(device)
-        cursor += batch
+        if state["cursor"] + batch > n:
+            state["perm"], state["cursor"] = torch.randperm(n, generator=gen), 0
+        idx = state["perm"][state["cursor"] : state["cursor"] + batch].to(device)
+        state["cursor"] += batch
         return x_train[idx]
 
-    def evaluate(it: int, train_time: float, cases: int, extra: dict) -> dict:
-        t = time.perf_counter()
-        train_loss, train_error = evaluate_set(model, x_train)
-        row = {"iter": it, "time_s": round(train_time, 3), "epoch": cases / n, "train_loss": train_loss,
-               "train_error": train_error, "test_error": evaluate_set(model, x_test)[1]}
-        row.update(extra)
-        history.append(row)
-        eval_time[0] += time.perf_counter() - t
-        return row
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if autocast is None:
+            return model(x)
+        with torch.autocast(device.type, dtype=autocast):
+            return model(x).float()  # the loss and L'' in float32
 
-    bar = progress_bar(progress, budget, max_iters, f"{cfg['dataset']} {cfg['optimizer']}")
-    train_time, cases, it, last_eval, dt = 0.0, 0, 0, -math.inf, 0.0
-    if rank == 0:
-        evaluate(0, 0.0, 0, {})
-    status = "budget"
-    while True:
-        if max_iters and it >= max_iters:
-            status = "max_iters"
-            break
-        if _stop(budget > 0 and train_time >= budget, world):  # rank 0's clock decides for all
-            break
-        t0 = clock()
+    def update() -> dict:
         xb = next_batch()
         extra: dict = {}
         if cfg["optimizer"] == "hf":
@@ -298,12 +326,6 @@ def _train(cfg: dict, progress: bool) -> dict | None:
                 xc = xb_local[: curv_batch // world]
             else:
                 xb_local, xc = xb, xb[:curv_batch]
-
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                if autocast is None:
-                    return model(x)
-                with torch.autocast(device.type, dtype=autocast):
-                    return model(x).float()  # the loss and L'' in float32
 
             def closure():
                 z = forward(xb_local)
@@ -320,46 +342,14 @@ def _train(cfg: dict, progress: bool) -> dict | None:
                      "line_search_alpha": d.line_search_alpha}
         else:
             opt.zero_grad(set_to_none=True)
-            loss = objective(model(xb), xb)
-            loss.backward()
+            objective(model(xb), xb).backward()
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dt = clock() - t0
-        train_time += dt
-        cases += len(xb)
-        it += 1
-        if bar is not None:
-            bar.update(min(dt, max(budget - bar.n, 0)) if budget > 0 else 1)
-        due = (eval_every is not None and train_time - last_eval >= eval_every) or \
-              (eval_every is None and (it % 10 == 0 or cfg["optimizer"] == "hf"))
-        if due and rank == 0:  # rank 0 evaluates and writes the results
-            row = evaluate(it, train_time, cases, extra)
-            last_eval = train_time
-            if bar is not None:
-                bar.set_postfix(train_err=f"{row['train_error']:.3f}", test_err=f"{row['test_error']:.3f}")
-        if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
-            status = "diverged"
-            break
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        import torch.distributed as dist
+        cases[0] += len(xb)
+        return extra
 
-        dist.destroy_process_group()
-        if rank != 0:
-            return None
-    if not history or history[-1]["iter"] != it:
-        evaluate(it, train_time, cases, {})
-    final = dict(history[-1])
-    final.update(iterations=it, status=status, parameters=sum(p.numel() for p in model.parameters()),
-                 train_cases=n, test_cases=len(x_test), torch_threads=torch.get_num_threads(),
-                 last_update_s=dt, evaluation_s=eval_time[0], elapsed_s=time.perf_counter() - started)
-    cfg_out = {k: v for k, v in cfg.items() if k not in ("no_progress",)}
-    if cfg["optimizer"] == "hf":  # the sizes used, as the JSON's readers expect them
-        cfg_out["curvature_batch_size"] = curv_batch
-    cfg_out.update(gradient_batch=batch, curvature_batch=curv_batch if cfg["optimizer"] == "hf" else None)
-    return {"config": cfg_out, "history": history, "final": final}
+    return update
 
 
 def _init_distributed(cfg: dict, device: torch.device) -> tuple[torch.device, int, int]:

@@ -1,12 +1,12 @@
-"""What every recipe's command line does alike: refuse to overwrite earlier results, refuse
-batch sizes that cannot be used as given, and say in words what a run did (solved or not,
-where the time went).
+"""What every recipe's command line does alike: reject option values that mean nothing,
+refuse to overwrite earlier results, refuse batch sizes that cannot be used as given, and
+say in words what a run did (where the time went).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 def add_overwrite_option(ap: argparse.ArgumentParser) -> None:
@@ -55,3 +55,28 @@ def time_report(final: dict, budget: float, clock: str | None) -> str:
     if final.get("elapsed_s") is not None:
         parts.append(f"{final['elapsed_s']:.0f} s wall time in all")
     return "; ".join(parts)
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = (),
+               non_negative: Sequence[str] = ()) -> None:
+    """Reject option values that would run but mean nothing (``ap.error`` names the option):
+    ``positive`` and ``non_negative`` list attribute names (``None`` values are skipped);
+    ``--device`` must be available here."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                ap.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            ap.error(f"--device {device}: {exc}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                     "use --device cpu")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            ap.error(f"--device {device}: MPS is not available on this machine; use --device cpu")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 
 def _label(result: dict, path: str) -> str:
@@ -133,107 +132,6 @@ def plot_by_task(results: Sequence[dict], out: str | Path, order: Sequence[str] 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return str(out)
-
-
-def add_clock_option(ap: argparse.ArgumentParser, default: str = "wall") -> None:
-    """The recipes' ``--clock`` option: what a ``--time-budget`` counts."""
-    ap.add_argument("--clock", choices=["wall", "cpu"], default=default,
-                    help="what the budget counts: wall time, or this process's CPU time (fair when other jobs "
-                         f"share the machine; use with --threads; default {default})")
-
-
-def budget_clock(name: str | None) -> Callable[[], float]:
-    """The timer a ``--clock`` value names (default wall time)."""
-    return time.process_time if name == "cpu" else time.perf_counter
-
-
-def add_subnormal_option(ap: argparse.ArgumentParser) -> None:
-    """The recipes' ``--keep-subnormals`` option (see :func:`subnormals_flushed`)."""
-    ap.add_argument("--keep-subnormals", action="store_true",
-                    help="CPU: leave torch's default subnormal-float handling for the whole run. By default "
-                         "subnormals are flushed to zero for every optimizer, as HessianFree does inside its "
-                         "steps; without that, a baseline whose tiny gradients turn subnormal runs several "
-                         "times slower per update (benchmarks/subnormals.py)")
-
-
-def subnormals_flushed(enabled: bool) -> ContextManager[bool]:
-    """Flush subnormal floats to zero (``torch.set_flush_denormal``) inside the block when
-    ``enabled``, and restore the caller's mode afterwards. Yields whether flushing is in force.
-    The same context ``HessianFree(flush_denormal=True)`` wraps its steps in.
-
-    A recipe that compares optimizers on CPU time runs every optimizer under this: HessianFree
-    flushes inside its steps by default, and a baseline left with subnormals (a saturated RNN's
-    vanishing gradients, Adam's second moments of them) would be charged x86's slow path, 5.7x
-    per Adam update measured in the RNN recipe, for no difference in the arithmetic that matters."""
-    from torch_hf.optimizer import _denormals_flushed
-
-    return _denormals_flushed(enabled)
-
-
-def output_paths(out: str | Path, stem: str) -> tuple[Path, Path]:
-    """Where a recipe writes: ``out`` is a directory (``<out>/<stem>.json`` and ``.png``) or a
-    ``.json`` file path (the PNG goes beside it). Raises ``SystemExit`` with the reason when
-    ``out`` names something of the other kind."""
-    out = Path(out)
-    if out.suffix.lower() == ".json":
-        if out.is_dir():
-            raise SystemExit(f"--out {out}: that is a directory; give a .json file path or a directory")
-        return out, out.with_suffix(".png")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out}: that is a file; give a directory or a .json file path")
-    return out / f"{stem}.json", out / f"{stem}.png"
-
-
-def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = (),
-               non_negative: Sequence[str] = ()) -> None:
-    """Reject option values that would run but mean nothing (``ap.error`` names the option):
-    ``positive`` and ``non_negative`` list attribute names (``None`` values are skipped);
-    ``--device`` must be available here."""
-    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not ok(value):
-                ap.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    device = getattr(args, "device", None)
-    if device is not None:
-        import torch
-
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as exc:
-            ap.error(f"--device {device}: {exc}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            ap.error(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
-                     "use --device cpu")
-        if kind == "mps" and not torch.backends.mps.is_available():
-            ap.error(f"--device {device}: MPS is not available on this machine; use --device cpu")
-
-
-def progress_bar(enabled: bool, budget: float, max_iters: int | None, desc: str, position: int | None = None):
-    """The recipes' tqdm bar: seconds of the training budget (evaluations and setup are not
-    counted, so the bar can read 60/60 s after longer on the clock), or updates without a
-    budget (``None`` when ``enabled`` is false). ``position``: the line of a bar among
-    several drawn side by side."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s training [{elapsed}{postfix}]" if budget > 0 else None
-    return tqdm(total=budget if budget > 0 else max_iters, unit="s" if budget > 0 else "it", desc=desc,
-                dynamic_ncols=True, bar_format=fmt, position=position)
-
-
-def write_json(result: dict, json_path: str | Path) -> None:
-    """Write a recipe's results dict (also used for the partial results of a running job)."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1))
-
-
-def save_results(result: dict, json_path: str | Path, png_path: str | Path, title: str, **plot_kwargs) -> None:
-    """Write a recipe's results JSON and its PNG (``plot_kwargs`` go to :func:`plot_results`)."""
-    write_json(result, json_path)
-    plot_results([str(json_path)], str(png_path), title=title, **plot_kwargs)
 
 
 def main(argv=None) -> None:

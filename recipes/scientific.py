@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,10 +41,11 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch_hf  # noqa: E402
-from recipes.plot import (add_clock_option, add_subnormal_option, budget_clock, check_args, plot_results,  # noqa: E402
-                          progress_bar, subnormals_flushed, write_json)
-from recipes.plot import output_paths as _output_paths  # noqa: E402
-from recipes.cli import add_overwrite_option, refuse_overwrite, time_report  # noqa: E402
+from recipes.cli import add_overwrite_option, check_args, refuse_overwrite, time_report  # noqa: E402
+from recipes.plot import plot_results  # noqa: E402
+from recipes.runner import (Budget, Run, add_clock_option, add_subnormal_option, diverged,  # noqa: E402
+                            subnormals_flushed, write_json)
+from recipes.runner import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 120.0
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
@@ -222,7 +222,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner
 def run(cfg: dict, progress: bool = True) -> dict:
     """Train one optimizer as ``cfg`` says (the parsed CLI as a dict); returns the results dict.
     Every optimizer trains with subnormals flushed to zero unless ``cfg["keep_subnormals"]``
-    (``recipes.plot.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
+    (``recipes.runner.subnormals_flushed``; ``final["subnormals_flushed"]`` records it)."""
     with subnormals_flushed(not cfg.get("keep_subnormals")) as flushing:
         result = _train(cfg, progress)
     result["final"]["subnormals_flushed"] = flushing
@@ -248,15 +248,10 @@ def _train(cfg: dict, progress: bool) -> dict:
     problem = PROBLEMS[cfg["problem"]]()
     model = mlp(cfg.get("width", 32), cfg.get("depth", 2), cfg.get("seed", 0))
     opt = make_optimizer(cfg["optimizer"], model, cfg.get("lr"), cfg.get("preconditioner", "default"))
-    budget, max_iters = cfg.get("time_budget") or 0.0, cfg.get("max_iters")
-    clock = budget_clock(cfg.get("clock"))
-    eval_every = cfg.get("eval_every") or (budget / 60 if budget > 0 else None)
-    history: list[dict] = []
+    budget = cfg.get("time_budget") or 0.0
     evals = [0]  # loss evaluations (L-BFGS makes several per step())
-    started, eval_time = time.perf_counter(), [0.0]
 
     def evaluate(it: int, train_time: float, extra: dict) -> dict:
-        t = time.perf_counter()
         with torch.enable_grad():  # the PINN's residuals differentiate w.r.t. the inputs
             train_loss = float(problem.loss(model)[0].detach())
         # "epoch": full-batch passes, i.e. loss evaluations (HF's trial points, L-BFGS's line search)
@@ -264,69 +259,43 @@ def _train(cfg: dict, progress: bool) -> dict:
                "train_error": train_loss, "test_error": problem.score(model)}
         if isinstance(problem, Regression):
             row["train_error"] = problem.train_mse(model)
-        row.update(extra)
-        history.append(row)
-        eval_time[0] += time.perf_counter() - t
-        return row
+        return {**row, **extra}
 
-    bar = progress_bar(progress, budget, max_iters, f"{cfg['problem']} {_run_name(cfg)}", cfg.get("bar_position"))
-    evaluate(0, 0.0, {})
-    train_time, it, last_eval, status, dt = 0.0, 0, 0.0, "budget", 0.0
-    while True:
-        if max_iters and it >= max_iters:
-            status = "max_iters"
-            break
-        if budget > 0 and train_time >= budget:
-            break
-        t0 = clock()
-        extra: dict = {}
-        if cfg["optimizer"] == "hf":
-            def closure():
-                evals[0] += 1
-                return problem.loss(model)
-
-            opt.step(closure)
-            d = opt.last_step
-            extra = {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations,
-                     "accepted": d.accepted}
-        elif cfg["optimizer"] == "lbfgs":
-            def closure():
-                evals[0] += 1
-                opt.zero_grad(set_to_none=True)
-                loss = problem.loss(model)[0]
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-        else:
-            evals[0] += 1
-            opt.zero_grad(set_to_none=True)
-            problem.loss(model)[0].backward()
-            opt.step()
-        dt = clock() - t0
-        train_time += dt
-        it += 1
-        if bar is not None:
-            bar.update(min(dt, max(budget - bar.n, 0)) if budget > 0 else 1)
-        if eval_every is None or train_time - last_eval >= eval_every:
-            row = evaluate(it, train_time, extra)
-            last_eval = train_time
-            if bar is not None:
-                bar.set_postfix(score=f"{row['test_error']:.3g}")
-        if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
-            status = "diverged"
-            break
-    if bar is not None:
-        bar.close()
-    if history[-1]["iter"] != it:
-        evaluate(it, train_time, {})
-    final = dict(history[-1])
-    final.update(iterations=it, status=status, parameters=sum(p.numel() for p in model.parameters()),
-                 torch_threads=torch.get_num_threads(), last_update_s=dt if it else 0.0,
-                 evaluation_s=eval_time[0], elapsed_s=time.perf_counter() - started)
+    run = Run(Budget(budget, cfg.get("max_iters"), cfg.get("clock"),
+                     cfg.get("eval_every") or (budget / 60 if budget > 0 else None)),
+              evaluate, f"{cfg['problem']} {_run_name(cfg)}", progress, cfg.get("bar_position"),
+              postfix=lambda row: {"score": f"{row['test_error']:.3g}"})
+    run.evaluate()
+    status = run.loop(lambda: _update(cfg["optimizer"], opt, problem, model, evals),
+                      diverged=lambda: diverged(model.parameters()))
     cfg_out = {k: v for k, v in cfg.items() if k not in ("no_progress", "bar_position")}
     cfg_out["score"] = SCORE[cfg["problem"]]
-    return {"config": cfg_out, "history": history, "final": final}
+    return run.result(cfg_out, status, parameters=sum(p.numel() for p in model.parameters()),
+                      torch_threads=torch.get_num_threads())
+
+
+def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.Module, evals: list[int]) -> dict:
+    """One update of optimizer ``name`` on the full batch; the fields it adds to the next
+    evaluation row (HF's ρ, λ and CG iterations)."""
+    def closure():
+        evals[0] += 1
+        if name == "hf":
+            return problem.loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss = problem.loss(model)[0]
+        loss.backward()
+        return loss
+
+    if name == "hf":
+        opt.step(closure)
+        d = opt.last_step
+        return {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations, "accepted": d.accepted}
+    if name == "lbfgs":
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    return {}
 
 
 def score_at(result: dict, seconds: float) -> float:

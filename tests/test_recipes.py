@@ -532,7 +532,7 @@ def flush_supported():
 def test_subnormals_flushed_restores_the_callers_mode(flush_supported):
     import torch
 
-    from recipes.plot import subnormals_flushed
+    from recipes.runner import subnormals_flushed
 
     with subnormals_flushed(True) as on:
         assert on and _flushing_subnormals()
