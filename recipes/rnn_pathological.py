@@ -12,29 +12,8 @@ structural damping (§8.4), or by Adam / momentum SGD, through one CLI.
     python recipes/rnn_pathological.py --saddle results/rnn_xor_T100_hf_seed2.pt  # gradient noise, Hessian extremes, reach
     python recipes/rnn_pathological.py --help
 
-Tasks (sequences of length T, time first; data generated on the fly, a fresh minibatch
-per update, and a fixed test set of ``--test-size`` sequences):
-
-* ``addition`` / ``multiplication``: 2 inputs (a value in [0, 1], a marker); two steps
-  are marked, the first in the first 10% of the sequence, the second in the first half;
-  the target at the last step is the sum (/2, scaled to [0, 1]) or the product of the
-  marked values. Squared error; solved when < 1% of test sequences are off by > 0.04.
-* ``xor``: as above with binary values; target their XOR (sigmoid output, cross-entropy);
-  same criterion on the output probability.
-* ``temporal_order`` (2 symbols, 4 classes) / ``temporal_order3`` (3 symbols, 8 classes):
-  a stream of distractors {c, d, e, f}; X or Y appears at 2 (3) random times in fixed
-  windows (2 symbols: [0.1T, 0.2T) and [0.4T, 0.5T)); the class at the end is the order
-  of X/Y. Cross-entropy; solved at < 1% test classification error.
-* ``random_permutation``: 100 symbols; the first symbol (1 or 2) is to be output at the
-  end, the others are random distractors from 3..100. Solved at < 1% error.
-* ``memorization``: 10 symbols of 2 bits each (4 classes) in the first 10 steps, then
-  blanks, a trigger at step T−10, and the 10 symbols to be output in the last 10 steps.
-  Solved when < 1% of test sequences have any output wrong.
-
-Initialization (Martens & Sutskever 2011): every unit gets 15 nonzero incoming weights
-drawn from N(0, 1) (all of them when there are fewer inputs), biases 0, and the recurrent
-matrix is rescaled to spectral radius 1.1; ``--input-scale`` shrinks the input weights
-(0.1 is what lets the one-hot temporal-order streams through, see ``sparse_init_rnn``).
+The tasks, their data and the network (sparse initialization, input scale) are defined
+in :mod:`recipes.rnn_tasks`; a task is solved at < 1% test error.
 HF: GGN with structural damping (μ = 1/30 of λ by default), no preconditioner (§11), CG
 up to 300 iterations.
 
@@ -84,7 +63,7 @@ EXPECTED = ("Expected at T=100 (docs/rnns.md): HF solves addition in 700-2,000 s
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        usage="%(prog)s [--task TASK] [--optimizer OPT] [options]",
+        usage="%(prog)s [--task TASK] [--optimizer OPT] [options]",  # the options are listed by group below
         description="Long-range RNN tasks (Hochreiter & Schmidhuber 1997) trained by HF with structural damping "
                     "(§8.4) or by Adam / SGD.\n\n"
                     "    python recipes/rnn_pathological.py --task addition                  # HF, 600 s\n"
@@ -93,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "    python recipes/rnn_pathological.py --summary results/rnn/*.json     # the table of saved runs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Tasks: {', '.join(TASKS)}; a task is solved at < 1% test error. {EXPECTED} The tasks, the "
-               "initialization and the outputs: python -m pydoc recipes.rnn_pathological; the measured tables: "
+               "initialization and the outputs: python -m pydoc recipes.rnn_tasks; the measured tables: "
                "docs/rnns.md.")
     run = ap.add_argument_group("one run")
     run.add_argument("--task", choices=TASKS + ("all",), default="addition", metavar="TASK",

@@ -56,3 +56,12 @@ def test_ci_runs_the_readme_install_and_test_commands():
         assert command in readme and command in ci
     first = _fenced(readme, "bash")[0].splitlines()[0]
     assert first.startswith("pip install torch ") and "cpu" in first  # torch on its own line, the CPU build
+
+
+@pytest.mark.parametrize("section", ["Adding a damping rule", "Adding a preconditioner",
+                                     "Adding a curvature matrix", "Adding a recipe"])
+def test_the_design_pages_worked_examples_run(section):
+    text = (ROOT / "docs" / "design.md").read_text()
+    start = text.index(f"## {section}")
+    (code,) = _fenced(text[start : text.find("\n## ", start + 1)], "python")
+    exec(compile(code, f"docs/design.md: {section}", "exec"), {"__name__": "__design__"})

@@ -13,9 +13,9 @@ One call of :meth:`HessianFree.step` is one HF iteration:
 7. Armijo backtracking line search f(θ+αδ) ≤ f(θ) + c·α·∇fᵀδ as the last defence (§8.8);
 8. θ ← θ + lr·α·δ.
 
-The phases are functions in :mod:`torch_hf.phases`; the damped system is
-:class:`torch_hf.damped.DampedOperator`; the settings are validated once in
-:mod:`torch_hf.config`.
+The phases are functions in :mod:`torch_hf.evaluation` and :mod:`torch_hf.phases`, the
+damped system :class:`torch_hf.damped.DampedOperator`, the settings :mod:`torch_hf.config`
+(docs/design.md has the map).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from . import _flat
 from ._denormals import _denormals_flushed, _flushing_denormals  # noqa: F401 - recipes and tests import them here
 from .checkpoint import STATE_VERSION, load_own_state, own_state, split_state_dict  # noqa: F401
 from .config import GROUP_KEYS, CGConfig, LineSearchConfig, check_options, check_parts
-from .curvature import GGN, Hessian
+from .curvature import GGN, CurvatureOperator, Hessian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from .diagnostics import StepDiagnostics, record
@@ -57,8 +57,10 @@ class HessianFree(torch.optim.Optimizer):
         params: iterable of parameters or of parameter groups. Only ``weight_decay``
             may differ between groups; HF solves one joint quadratic, so other options
             must be equal in all groups.
-        curvature: ``"ggn"`` (generalized Gauss-Newton, §6, PSD; the default) or
-            ``"hessian"`` (exact Hessian, §5; may be indefinite).
+        curvature: ``"ggn"`` (generalized Gauss-Newton, §6, PSD; the default),
+            ``"hessian"`` (exact Hessian, §5; may be indefinite), or a
+            :class:`torch_hf.curvature.CurvatureOperator` subclass built as
+            ``cls(params, closure, safe_kernels=...)`` (docs/design.md).
         damping: a :mod:`torch_hf.damping` object; ``Tikhonov(init=1.0)`` adapted by the
             Levenberg-Marquardt rule by default.
         preconditioner: a :mod:`torch_hf.preconditioners` object; ``GGNDiagonal(0.75)``
@@ -104,8 +106,8 @@ class HessianFree(torch.optim.Optimizer):
             ``closure()`` for the gradient and ``closure(slice(0, curvature_batch))`` for
             the curvature. ``None`` (default): the closure takes no argument, and the
             curvature uses the gradient batch or ``step``'s ``curvature_closure``.
-        history_size: how many :class:`StepDiagnostics` :attr:`history` keeps (the
-            latest); ``None`` keeps all, 0 none. :attr:`last_step` is always kept.
+        history_size: how many steps' :class:`StepDiagnostics` :attr:`history` keeps
+            (``None``: all); :attr:`last_step` is always kept.
         flush_denormal: on CPU, treat subnormal floats as zero while the step runs and
             restore the caller's mode afterwards: x86 handles them in slow microcode (a
             CURVES gradient: 111 ms with them, 12 ms without, ``benchmarks/subnormals.py``).
@@ -119,8 +121,7 @@ class HessianFree(torch.optim.Optimizer):
     non-finite objective at a trial point rejects that point, and when no point is
     acceptable the parameters stay exactly as they were and λ is increased.
 
-    Reference: J. Martens and I. Sutskever, *Training Deep and Recurrent Networks with
-    Hessian-Free Optimization*, 2012.
+    Reference: J. Martens and I. Sutskever, *Training Deep and Recurrent Networks with Hessian-Free Optimization*.
     """
 
     def __init__(
@@ -153,8 +154,9 @@ class HessianFree(torch.optim.Optimizer):
         history_size: int | None = 100,
         flush_denormal: bool = True,
     ) -> None:
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if curvature not in ("ggn", "hessian") and not (isinstance(curvature, type)
+                                                       and issubclass(curvature, CurvatureOperator)):
+            raise ValueError(f"curvature must be 'ggn', 'hessian' or a CurvatureOperator subclass, got {curvature!r}")
         self.cg = CGConfig(cg_max_iters, cg_min_iters, cg_tol, cg_stop, cg_decay, backtracking_factor, trust_radius,
                            cg_check_every)
         self.line_search = LineSearchConfig(line_search_c, line_search_beta, line_search_max_evals)
@@ -222,10 +224,8 @@ class HessianFree(torch.optim.Optimizer):
         return self.state[self._params()[0]]
 
     def _check_every(self, params: list[Tensor]) -> int:
-        if self.cg.check_every is not None:
-            return self.cg.check_every
         # Reading CG's scalars costs a host synchronisation on an accelerator, nothing on CPU.
-        return 1 if params[0].device.type == "cpu" else 5
+        return self.cg.check_every or (1 if params[0].device.type == "cpu" else 5)
 
     def _autocast(self, closure: Callable | None) -> Callable | None:
         if closure is None or self.autocast_dtype is None:
@@ -351,7 +351,9 @@ class HessianFree(torch.optim.Optimizer):
         """B on ``closure``'s batch (the closure named ``which`` in errors): the GGN, with the
         damping's extra term, or the Hessian."""
         damping_kwargs = self.damping.curvature_kwargs()
-        if self.curvature == "ggn":
+        if isinstance(self.curvature, type):  # a curvature matrix of the user's: (params, closure, **kwargs)
+            op_cls, kwargs = self.curvature, damping_kwargs
+        elif self.curvature == "ggn":
             op_cls, kwargs = GGN, {"loss_hvp": self.loss_hvp, **damping_kwargs}
             if self.recompute:
                 kwargs["recompute"] = True
