@@ -22,6 +22,7 @@ from . import _flat
 from .cg import CGResult, cg
 from .config import CGConfig, LineSearchConfig
 from .curvature import ClosureError
+from .curvature.closure import loss_of
 from .damped import WeightDecay
 
 __all__ = ["TrialObjective", "overhead_iterations", "solve", "backtrack", "reduction_ratio", "line_search", "cg_backtracking"]
@@ -43,8 +44,7 @@ class TrialObjective:
     def at(self, delta: Tensor, alpha: float = 1.0) -> float:
         self.evaluations += 1
         write_through_data(self.params, self.theta0 + alpha * delta)
-        result = self.call(self.closure)
-        loss = result[0] if isinstance(result, (tuple, list)) else result
+        loss = loss_of(self.call(self.closure))
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ClosureError("at a trial point the closure must return a scalar loss tensor (or (loss, outputs)); "
                                f"got {type(loss).__name__}"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .curvature import Hessian
+from .curvature.closure import loss_of
 from .damped import WeightDecay
 from .lanczos import lanczos_extremes
 
@@ -53,14 +54,6 @@ def stall_verdict(state: dict, informative: bool, judge: Callable[[], tuple[str,
     return state["stall"], True
 
 
-def _loss_only(closure: Callable) -> Callable[[], Tensor]:
-    """The closure's loss alone (the Hessian of f needs no outputs or hidden states)."""
-    def loss_closure() -> Tensor:
-        result = closure()
-        return result[0] if isinstance(result, (tuple, list)) else result
-    return loss_closure
-
-
 def judge_stall(params: list[Tensor], closure: Callable, weight_decay: WeightDecay, reducer, theta: Tensor,
                 resolution: float, safe_kernels: bool | None) -> tuple[str, str]:
     """Extreme eigenvalues of the objective's Hessian ∇²f + ηI at θ (a few Lanczos steps
@@ -69,7 +62,8 @@ def judge_stall(params: list[Tensor], closure: Callable, weight_decay: WeightDec
     would change f by less than its ``resolution``, else ``"converged"``. Returns the
     verdict and its evidence in words."""
     try:
-        hessian = Hessian(params, _loss_only(closure), safe_kernels=safe_kernels)
+        # the loss alone: the Hessian of f needs no outputs or hidden states
+        hessian = Hessian(params, lambda: loss_of(closure()), safe_kernels=safe_kernels)
 
         def mv(v: Tensor) -> Tensor:
             out = hessian.mv(v)

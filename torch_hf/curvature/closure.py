@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ClosureError", "NonFiniteLossError", "Closure", "as_param_list", "evaluate_closure"]
+__all__ = ["ClosureError", "NonFiniteLossError", "Closure", "as_param_list", "evaluate_closure", "loss_of"]
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | Sequence[Tensor]]"]
 
@@ -120,3 +120,9 @@ def evaluate_closure(closure: Closure, need_outputs: bool, extras: list | None =
         if not out.requires_grad:
             raise ClosureError(f"output {i} does not depend on the parameters (requires_grad is False)")
     return loss, outputs
+
+
+def loss_of(result):
+    """The loss in what a closure returned: ``loss``, or the first item of ``(loss, outputs[,
+    hidden])``. For the calls that need nothing else (trial points, the Hessian of f)."""
+    return result[0] if isinstance(result, (tuple, list)) else result
