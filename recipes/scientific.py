@@ -71,8 +71,13 @@ class Problem:
 
     name: str
 
-    def residuals(self, model: nn.Module) -> Tensor:  # pragma: no cover - abstract
+    def terms(self, model: nn.Module) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+        """The residual terms, each weighing as the mean of its squares."""
         raise NotImplementedError
+
+    def residuals(self, model: nn.Module) -> Tensor:
+        """The scaled residual vector r, loss = ‖r‖² (:func:`torch_hf.residuals.residual_loss`)."""
+        return self.loss(model)[1]
 
     def score(self, model: nn.Module) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -80,8 +85,7 @@ class Problem:
     def loss(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         """``(loss, outputs)`` for HF: the outputs are the residuals, the loss ‖r‖²
         (a squared-error matching loss, §6.2, so L'' = 2I in closed form)."""
-        r = self.residuals(model)
-        return torch.nn.functional.mse_loss(r, torch.zeros_like(r), reduction="sum"), r
+        return torch_hf.residuals.residual_loss(*self.terms(model))
 
 
 class Regression(Problem):
@@ -99,8 +103,8 @@ class Regression(Problem):
     def target(x: Tensor) -> Tensor:
         return torch.sin(math.pi * x[:, 0]) * torch.cos(math.pi * x[:, 1]) + 0.5 * torch.sin(2 * math.pi * x[:, 0] * x[:, 1])
 
-    def residuals(self, model: nn.Module) -> Tensor:
-        return (model(self.x_train).squeeze(-1) - self.y_train) / math.sqrt(len(self.x_train))
+    def terms(self, model: nn.Module) -> tuple[Tensor, ...]:
+        return (model(self.x_train).squeeze(-1) - self.y_train,)
 
     def train_mse(self, model: nn.Module) -> float:
         with torch.no_grad():
@@ -112,16 +116,8 @@ class Regression(Problem):
 
 
 def laplacian(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(u, Δu)`` at the points ``x`` (N × 2) by reverse mode w.r.t. the inputs, with the
-    graph kept so that the result can be differentiated w.r.t. the parameters again."""
-    x = x.detach().requires_grad_(True)
-    u = model(x).squeeze(-1)
-    (grad_u,) = torch.autograd.grad(u.sum(), x, create_graph=True)
-    lap = torch.zeros_like(u)
-    for d in range(x.shape[1]):
-        (second,) = torch.autograd.grad(grad_u[:, d].sum(), x, create_graph=True)
-        lap = lap + second[:, d]
-    return u, lap
+    """``(u, Δu)`` at the points ``x`` (N × 2): :func:`torch_hf.residuals.laplacian`."""
+    return torch_hf.residuals.laplacian(model, x)
 
 
 class Poisson(Problem):
@@ -146,11 +142,9 @@ class Poisson(Problem):
     def exact(x: Tensor) -> Tensor:
         return torch.sin(math.pi * x[:, 0]) * torch.sin(math.pi * x[:, 1])
 
-    def residuals(self, model: nn.Module) -> Tensor:
+    def terms(self, model: nn.Module) -> tuple[Tensor, ...]:
         _, lap = laplacian(model, self.x_int)
-        interior = (lap + self.f_int) / math.sqrt(len(self.x_int))
-        boundary = model(self.x_bnd).squeeze(-1) / math.sqrt(len(self.x_bnd))
-        return torch.cat([interior, boundary])
+        return lap + self.f_int, model(self.x_bnd).squeeze(-1)
 
     def score(self, model: nn.Module) -> float:
         with torch.no_grad():

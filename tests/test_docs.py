@@ -65,3 +65,9 @@ def test_the_design_pages_worked_examples_run(section):
     start = text.index(f"## {section}")
     (code,) = _fenced(text[start : text.find("\n## ", start + 1)], "python")
     exec(compile(code, f"docs/design.md: {section}", "exec"), {"__name__": "__design__"})
+
+
+def test_the_pinn_closure_example_in_docs_scientific_runs():
+    text = (ROOT / "docs" / "scientific.md").read_text()
+    (code,) = _fenced(_section(text, "Writing a PINN closure: `torch_hf.residuals`"), "python")
+    exec(compile(code, "docs/scientific.md: PINN closure", "exec"), {"__name__": "__docs__"})
