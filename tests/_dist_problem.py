@@ -42,12 +42,13 @@ def make_optimizer(config: str, m: torch.nn.Module) -> torch_hf.HessianFree:
     raise ValueError(config)
 
 
-def run_steps(config: str, rank: int = 0, world: int = 1, n_shards: int = 2, steps: int = 3) -> list[torch.Tensor]:
+def run_steps(config: str, rank: int = 0, world: int = 1, n_shards: int = 2, steps: int = 3,
+              device: str = "cpu") -> list[torch.Tensor]:
     """``steps`` HF steps. With ``world`` > 1 this process holds shard ``rank`` of
     ``world`` (and a model seeded by rank, so the first step's broadcast from rank 0 is
     exercised); with ``world`` == 1 it holds the whole batch, and its curvature batch is
     the union of the ``n_shards`` shards' curvature batches."""
-    x, y = data()
+    x, y = (t.to(device) for t in data())
     n_shards = world if world > 1 else n_shards
     size = N_CASES // n_shards
     shards = [(x[r * size:(r + 1) * size], y[r * size:(r + 1) * size]) for r in range(n_shards)]
@@ -57,7 +58,7 @@ def run_steps(config: str, rank: int = 0, world: int = 1, n_shards: int = 2, ste
     else:
         xs, ys = x, y
         xc, yc = torch.cat([s[0][:N_CURV] for s in shards]), torch.cat([s[1][:N_CURV] for s in shards])
-    m = model(seed=rank)
+    m = model(seed=rank).to(device)
     opt = make_optimizer(config, m)
 
     def closure():
@@ -70,4 +71,4 @@ def run_steps(config: str, rank: int = 0, world: int = 1, n_shards: int = 2, ste
 
     for _ in range(steps):
         opt.step(closure, curvature_closure)
-    return [p.detach().clone() for p in m.parameters()]
+    return [p.detach().cpu().clone() for p in m.parameters()]

@@ -27,11 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: str, tmp_path: Path, world: int = 2) -> list[list[torch.Tensor]]:
+def _launch(config: str, tmp_path: Path, world: int = 2, device: str = "cpu") -> list[list[torch.Tensor]]:
     port = _free_port()
     outs = [tmp_path / f"{config}_rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "_dist_worker.py"), str(r), str(world), str(port),
-                               str(outs[r]), config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(outs[r]), config, device], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     logs = []
     try:
@@ -57,6 +57,15 @@ def test_two_gloo_processes_match_one_process_on_whole_batch(config, tmp_path):
     for r, params in enumerate(ranks):
         for a, b in zip(params, reference):
             assert torch.allclose(a, b, rtol=0, atol=1e-10), (config, r, float((a - b).abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_processes_sharing_one_gpu_take_the_single_process_step(tmp_path):
+    """One GPU, two processes (gloo on CUDA tensors: NCCL refuses two ranks on one device)."""
+    reference = run_steps("defaults", world=1, n_shards=2, device="cuda")
+    for params in _launch("defaults", tmp_path, device="cuda"):
+        for a, b in zip(params, reference):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10), float((a - b).abs().max())
 
 
 def test_rate_termination_stops_cg_at_the_same_iteration_on_every_process(tmp_path):
