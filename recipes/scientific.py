@@ -13,6 +13,8 @@ Both problems are full-batch, float64, with a tanh MLP 2-32-32-1 (PyTorch's defa
   and returns the residual vector r = (Δu + f over √N_int, u_boundary over √N_b) as the
   outputs with loss ‖r‖² (the standard PINN loss), so HF's GGN is the Gauss-Newton
   matrix of the residuals. The score is the relative L2 error of u on a 101×101 grid.
+* ``reaction_diffusion``: a nonlinear, time-dependent PINN, u_t − 0.1 u_xx + u³ = f on
+  (0, 1) × (0, 1] with u* = e^{−t} sin(πx) (initial and boundary conditions from u*).
 * ``regression``: fit u*(x, y) = sin(πx)·cos(πy) + ½·sin(2πxy) on [-1, 1]² from 2000
   random points; the score is the MSE on 2000 other points (``test_error``).
 
@@ -49,7 +51,7 @@ from recipes.runner import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 120.0
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
-SCORE = {"regression": "test MSE", "pinn": "relative L2 error"}
+SCORE = {"regression": "test MSE", "pinn": "relative L2 error", "reaction_diffusion": "relative L2 error"}
 # What the default job printed on a 2-core CPU (docs/scientific.md has the command and the run).
 EXPECTED = ("Expected at 120 s (2-core x86 CPU, docs/scientific.md): HF about 6e-5, L-BFGS about 3e-4 (it stalls "
             "after about 45 s), Adam 5e-3 to 1e-2: HF about 4x below L-BFGS and 100x below Adam.")
@@ -152,7 +154,55 @@ class Poisson(Problem):
         return float((u - self.u_eval).norm() / self.u_eval.norm())
 
 
-PROBLEMS: dict[str, Callable[..., Problem]] = {"regression": Regression, "pinn": Poisson}
+class ReactionDiffusion(Problem):
+    """A nonlinear, time-dependent PINN: u_t − ν u_xx + u³ = f on x ∈ (0, 1), t ∈ (0, 1], with
+    u(x, 0) = sin(πx) and u(0, t) = u(1, t) = 0; f is made so that u* = e^{−t} sin(πx)
+    (ν = 0.1). The inputs are (x, t); the residual terms are the PDE at 1,000 random
+    interior points, the initial condition at 100 and the boundary at 100 (each a mean
+    square, :func:`torch_hf.residuals.residual_loss`); the score is the relative L2 error
+    of u on a 101 × 101 grid of (x, t)."""
+
+    name = "reaction_diffusion"
+    nu = 0.1
+
+    def __init__(self, n_interior: int = 1000, n_initial: int = 100, n_boundary: int = 100, grid: int = 101,
+                 seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x_int = torch.rand(n_interior, 2, generator=gen, dtype=torch.float64)
+        x0 = torch.rand(n_initial, generator=gen, dtype=torch.float64)
+        self.x_init = torch.stack([x0, torch.zeros_like(x0)], 1)
+        tb = torch.rand(n_boundary, generator=gen, dtype=torch.float64)
+        self.x_bnd = torch.stack([(torch.arange(n_boundary) % 2).double(), tb], 1)
+        x, t = self.x_int[:, 0], self.x_int[:, 1]
+        s = torch.sin(math.pi * x)
+        self.f_int = torch.exp(-t) * s * (self.nu * math.pi**2 - 1) + torch.exp(-3 * t) * s**3
+        g = torch.linspace(0, 1, grid, dtype=torch.float64)
+        self.x_eval = torch.cartesian_prod(g, g)
+        self.u_eval = self.exact(self.x_eval)
+
+    @staticmethod
+    def exact(xt: Tensor) -> Tensor:
+        return torch.exp(-xt[:, 1]) * torch.sin(math.pi * xt[:, 0])
+
+    def terms(self, model: nn.Module) -> tuple[Tensor, ...]:
+        xt = self.x_int.detach().requires_grad_(True)
+        u = model(xt).squeeze(-1)
+        du = torch_hf.residuals.gradient(u, xt)
+        (d2u,) = torch.autograd.grad(du[:, 0].sum(), xt, create_graph=True)
+        pde = du[:, 1] - self.nu * d2u[:, 0] + u**3 - self.f_int
+        initial = model(self.x_init).squeeze(-1) - torch.sin(math.pi * self.x_init[:, 0])
+        return pde, initial, model(self.x_bnd).squeeze(-1)
+
+    def score(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            u = model(self.x_eval).squeeze(-1)
+        return float((u - self.u_eval).norm() / self.u_eval.norm())
+
+
+PROBLEMS: dict[str, Callable[..., Problem]] = {"regression": Regression, "pinn": Poisson,
+                                              "reaction_diffusion": ReactionDiffusion}
+TITLES = {"regression": "smooth 2-D regression", "pinn": "2-D Poisson PINN",
+          "reaction_diffusion": "reaction-diffusion PINN (nonlinear, time-dependent)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +430,7 @@ def main(argv=None) -> list[dict]:
         print(f"{cfg['problem']} {_run_name(cfg)}: {f['iterations']} updates, {SCORE[cfg['problem']]} "
               f"{f['test_error']:.3e}, train loss {f['train_loss']:.3e} ({time_report(f, cfg['time_budget'], cfg['clock'])})"
               f" -> {json_path}")
-    title = f"{'2-D Poisson PINN' if args.problem == 'pinn' else 'smooth 2-D regression'}: {SCORE[args.problem]}"
+    title = f"{TITLES[args.problem]}: {SCORE[args.problem]}"
     plot_results(paths, str(png), title=title, metric="test_error", dashed=None, x2=("iter", "updates"),
                  ylabel=SCORE[args.problem])
     budget = args.time_budget or max(r["final"]["time_s"] for r in results)

@@ -361,6 +361,14 @@ def test_scientific_problems_score_the_exact_solution_as_zero():
             return scientific.Regression.target(x).unsqueeze(-1)
 
     assert reg.score(Target()) == 0.0
+    rd = scientific.ReactionDiffusion(n_interior=40, n_initial=10, n_boundary=10, grid=11)
+
+    class Decaying(torch.nn.Module):  # u* = e^{-t} sin(πx)
+        def forward(self, xt):
+            return (torch.exp(-xt[:, 1]) * torch.sin(math.pi * xt[:, 0])).unsqueeze(-1)
+
+    assert rd.score(Decaying()) < 1e-15
+    assert float(rd.residuals(Decaying()).detach().abs().max()) < 1e-12  # the PDE, initial and boundary conditions
 
 
 @pytest.mark.parametrize("argv, message", [
