@@ -350,8 +350,8 @@ def score_at(result: dict, seconds: float) -> float:
 
 def _run_name(cfg: dict) -> str:
     name = cfg["optimizer"] + (f" lr {cfg.get('lr') or 1e-3:g}" if cfg["optimizer"] == "adam" else "")
-    if cfg["optimizer"] == "hf":
-        name += " (no preconditioner)" if cfg.get("preconditioner") == "none" else " (defaults)"
+    if cfg["optimizer"] == "hf" and cfg.get("preconditioner") == "none":
+        name += " (no preconditioner)"
     return name
 
 

@@ -335,7 +335,7 @@ def test_scientific_recipe_runs_every_optimizer_and_writes_one_plot(tmp_path):
     assert (tmp_path / "scientific_pinn_all.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((tmp_path / "scientific_pinn_lbfgs.json").read_text())["config"]["score"] == "relative L2 error"
     table = scientific.summary_table(results, budgets=(0.0, 1e9))
-    assert table.count("\n") == 1 + len(results) and "hf (defaults)" in table and "adam lr 0.003" in table
+    assert table.count("\n") == 1 + len(results) and "| hf |" in table and "adam lr 0.003" in table
     assert f"{results[-1]['final']['test_error']:.2e}" in table.splitlines()[-1]
 
 

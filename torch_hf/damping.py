@@ -68,9 +68,9 @@ class DampingContext:
     """What a damping object may look at when a step begins."""
 
     curvature: Any  # the step's curvature operator (GGN or Hessian)
+    params: list[Tensor] | None = None  # not passed by the optimizer any more (no rule read it)
     # Averages a per-process estimate over the data-parallel group (identity when single-process).
     reduce: Callable[[Tensor], Tensor] = lambda t: t
-    params: list[Tensor] | None = None  # deprecated: not passed by the optimizer any more
 
 
 _LM = "levenberg-marquardt"
