@@ -257,9 +257,7 @@ class HessianFree(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch.optim's ``{"state", "param_groups"}`` (the step counter and δ₍k−1₎ in the
-        first parameter's state) and ``"hessian_free"`` (:mod:`torch_hf.checkpoint`).
-        Reading it changes nothing."""
+        """torch.optim's ``{"state", "param_groups"}`` and ``"hessian_free"`` (:mod:`torch_hf.checkpoint`)."""
         out = super().state_dict()
         out["hessian_free"] = own_state(self.damping, self.preconditioner, self.generator,
                                         self._last_trial_evaluations)
@@ -327,12 +325,13 @@ class HessianFree(torch.optim.Optimizer):
                                               informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
+
         def judge() -> tuple[str, str]:
             with _timed(times, "stall_check"):
                 return judge_stall(params, closure, decay, reducer, ev.theta0, ev.resolution, self._safe_kernels)
 
-        stall, warned = stall_verdict(state, informative, judge, float(ev.grad.norm()), ev.resolution,
-                                      not self._warned_stall)
+        grad_norm = float(ev.grad.norm())
+        stall, warned = stall_verdict(state, informative, judge, grad_norm, ev.resolution, not self._warned_stall)
         self._warned_stall |= warned
         self.last_step = StepDiagnostics(
             step=state["step"], loss_before=ev.f, loss_after=f_new if step_scale == alpha else math.nan, rho=rho,
@@ -342,7 +341,7 @@ class HessianFree(torch.optim.Optimizer):
             stall=stall, directional_derivative=slope, curvature_products=A.products,
             objective_evaluations=objective.evaluations, backtracking_evaluations=backtracking_evaluations,
             line_search_evaluations=objective.evaluations - backtracking_evaluations,
-            grad_norm=float(ev.grad.norm()), step_norm=float(delta.norm()) * step_scale, accepted=step_scale > 0,
+            grad_norm=grad_norm, step_norm=float(delta.norm()) * step_scale, accepted=step_scale > 0,
             wall_time_s=time.perf_counter() - t_start, times=times)
         record(self.history, self.last_step, self.history_size)
         return ev.loss
@@ -392,6 +391,7 @@ class HessianFree(torch.optim.Optimizer):
         state["step"] += 1
         state["delta"] = last_iterate.detach().clone()
         return step_scale
+
 
 @contextlib.contextmanager
 def _timed(times: dict, name: str):
