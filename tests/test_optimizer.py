@@ -785,3 +785,23 @@ def test_settings_of_the_whole_optimizer_are_refused_in_added_param_groups():
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [model[0].bias], "lr": 0.5})
     opt.add_param_group({"params": [model[0].bias], "weight_decay": 1e-3})  # may differ per group
+
+
+def test_a_float32_run_converged_to_its_resolution_is_told_what_float64_buys(caplog):
+    import logging
+
+    lin, a, y, _ = _least_squares()
+    lin32, a32, y32 = lin.float(), a.float(), y.float()
+
+    def closure():
+        z = lin32(a32)
+        return 0.5 * ((z - y32) ** 2).sum(), z
+
+    opt = HessianFree(lin32.parameters(), preconditioner=Identity(), damping=Tikhonov(1e-8), cg_max_iters=50)
+    with caplog.at_level(logging.INFO, logger="torch_hf"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(10):
+            opt.step(closure)
+    assert opt.last_step.converged
+    assert any("float64 model and data resolve the loss about 9 digits further" in r.getMessage()
+               for r in caplog.records)

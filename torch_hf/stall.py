@@ -9,6 +9,7 @@ saddle. The verdict is ``"converged"`` (no warning), ``"saddle"``, ``"plateau"``
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Callable
 
@@ -82,6 +83,10 @@ def judge_stall(params: list[Tensor], closure: Callable, weight_decay: WeightDec
         return "plateau", detail
     if low < -SADDLE_RATIO * scale:
         return "saddle", detail
+    if theta.dtype != torch.float64:  # where a fit must be finer than this dtype resolves, say what float64 buys
+        digits = round(math.log10(torch.finfo(theta.dtype).eps / torch.finfo(torch.float64).eps))
+        detail += (f"; a minimum to {theta.dtype}'s resolution: a float64 model and data resolve the loss "
+                   f"about {digits} digits further")
     return "converged", detail
 
 
