@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF: the library's default (GGN diagonal, §11.4) or none; the PINN's per-case diagonal "
                          "is not available (its weights are shared across the Laplacian's passes), so the "
                          "estimate is a whole-batch one")
+    ap.add_argument("--cg-stop", choices=["progress", "rate"], default="progress",
+                    help="HF: CG's termination (default progress, the rule for full-batch fits; rate: the library's "
+                         "default, made for minibatches)")
+    ap.add_argument("--damping", type=float, default=None, help="HF: initial lambda (library default 1)")
     ap.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 1e-3); L-BFGS: 1")
     ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
                     help=f"seconds of training per optimizer, evaluations excluded (default {DEFAULT_TIME_BUDGET:.0f})")
@@ -242,17 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    check_args(ap, args, positive=("max_iters", "width", "depth", "threads", "lr", "eval_every", "jobs"),
+    check_args(ap, args, positive=("max_iters", "width", "depth", "threads", "lr", "eval_every", "jobs", "damping"),
                non_negative=("time_budget",))
     if args.time_budget == 0 and not args.max_iters:
         ap.error("give a positive --time-budget or --max-iters")
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner: str = "default"
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner: str = "default",
+                   cg_stop: str = "progress", damping: float | None = None) -> torch.optim.Optimizer:
     if name == "hf":  # the library's defaults, with the full-batch CG rule (one argument)
         pre = torch_hf.preconditioners.Identity() if preconditioner == "none" else None
-        return torch_hf.HessianFree(model.parameters(), preconditioner=pre, cg_stop="progress")
+        lam = None if damping is None else torch_hf.damping.Tikhonov(damping)
+        return torch_hf.HessianFree(model.parameters(), damping=lam, preconditioner=pre, cg_stop=cg_stop)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr if lr is not None else 1e-3)
     if name == "lbfgs":
@@ -291,7 +296,8 @@ def _train(cfg: dict, progress: bool) -> dict:
         torch.set_num_threads(cfg["threads"])
     problem = PROBLEMS[cfg["problem"]]()
     model = mlp(cfg.get("width", 32), cfg.get("depth", 2), cfg.get("seed", 0))
-    opt = make_optimizer(cfg["optimizer"], model, cfg.get("lr"), cfg.get("preconditioner", "default"))
+    opt = make_optimizer(cfg["optimizer"], model, cfg.get("lr"), cfg.get("preconditioner", "default"),
+                         cfg.get("cg_stop") or "progress", cfg.get("damping"))
     budget = cfg.get("time_budget") or 0.0
     evals = [0]  # loss evaluations (L-BFGS makes several per step())
 
@@ -350,8 +356,10 @@ def score_at(result: dict, seconds: float) -> float:
 
 def _run_name(cfg: dict) -> str:
     name = cfg["optimizer"] + (f" lr {cfg.get('lr') or 1e-3:g}" if cfg["optimizer"] == "adam" else "")
-    if cfg["optimizer"] == "hf" and cfg.get("preconditioner") == "none":
-        name += " (no preconditioner)"
+    if cfg["optimizer"] == "hf":
+        name += " (no preconditioner)" if cfg.get("preconditioner") == "none" else ""
+        name += " (cg_stop rate)" if cfg.get("cg_stop") == "rate" else ""
+        name += f" (lambda0 {cfg['damping']:g})" if cfg.get("damping") is not None else ""
     return name
 
 
@@ -397,6 +405,10 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
         stem += f"_lr{cfg.get('lr') or 1e-3:g}"
     if cfg["optimizer"] == "hf" and cfg.get("preconditioner") == "none":
         stem += "_nopre"
+    if cfg["optimizer"] == "hf" and cfg.get("cg_stop") == "rate":
+        stem += "_rate"
+    if cfg["optimizer"] == "hf" and cfg.get("damping") is not None:
+        stem += f"_lambda{cfg['damping']:g}"
     if cfg.get("tag"):
         stem += f"_{cfg['tag']}"
     return _output_paths(cfg["out"], stem)

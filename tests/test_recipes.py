@@ -688,3 +688,13 @@ def test_plots_label_what_they_draw(tmp_path, monkeypatch):
     left, right = figures[-1].axes
     assert left.get_ylabel() == "relative L2 error" and right.get_xlabel() == "updates"
     assert left.get_xlabel() == "training CPU time (s)"
+
+
+def test_scientific_recipe_passes_hfs_cg_rule_and_initial_damping(tmp_path):
+    from recipes import scientific
+
+    (result,) = scientific.main(["--problem", "regression", "--optimizer", "hf", "--cg-stop", "rate", "--damping",
+                                 "0.01", "--max-iters", "1", "--time-budget", "0", "--out", str(tmp_path),
+                                 "--no-progress"])
+    assert (tmp_path / "scientific_regression_hf_rate_lambda0.01.json").exists()
+    assert result["config"]["cg_stop"] == "rate" and result["history"][-1]["damping"] == 0.01
