@@ -23,9 +23,13 @@ sys.path.insert(0, str(HERE.parent))
 import torch_hf  # noqa: E402
 
 STEPS = 20
+# The first five cases were recorded before the regime-aware defaults (cg_stop="auto",
+# solver="auto"): they pin the rules they were recorded with. The "auto_*" cases record
+# the defaults themselves.
+PINNED = {"cg_stop": "rate", "solver": "cg"}
 GOLDEN = HERE / "data" / "golden.pt"
 # The diagnostics that describe the step (the timings do not).
-FIELDS = ("loss_before", "loss_after", "rho", "damping", "damping_next", "cg_iterations", "cg_stop_reason",
+FIELDS = ("cg_stop", "solver", "regime", "loss_before", "loss_after", "rho", "damping", "damping_next", "cg_iterations", "cg_stop_reason",
           "chosen_iteration", "line_search_alpha", "predicted_reduction", "rho_informative", "converged", "stall",
           "curvature_products", "objective_evaluations", "grad_norm", "step_norm", "accepted")
 
@@ -45,21 +49,23 @@ def _autoencoder(seed: int = 0) -> tuple[nn.Module, Callable]:
 
 def _defaults():
     model, closure = _autoencoder()
-    opt = torch_hf.HessianFree(model.parameters(), weight_decay=1e-4, generator=torch.Generator().manual_seed(1))
+    opt = torch_hf.HessianFree(model.parameters(), weight_decay=1e-4, generator=torch.Generator().manual_seed(1),
+                               **PINNED)
     return model, opt, closure, None
 
 
 def _kfac():
     model, closure = _autoencoder()
     pre = torch_hf.preconditioners.KFAC(inverse_every=2)
-    opt = torch_hf.HessianFree(model.parameters(), preconditioner=pre, generator=torch.Generator().manual_seed(2))
+    opt = torch_hf.HessianFree(model.parameters(), preconditioner=pre, generator=torch.Generator().manual_seed(2),
+                               **PINNED)
     return model, opt, closure, None
 
 
 def _hessian():
     model, closure = _autoencoder()
     opt = torch_hf.HessianFree(model.parameters(), curvature="hessian", trust_radius=0.5,
-                               generator=torch.Generator().manual_seed(3))
+                               generator=torch.Generator().manual_seed(3), **PINNED)
     return model, opt, closure, None
 
 
@@ -84,11 +90,11 @@ def _structural_rnn():
 
     damping = torch_hf.damping.Structural(0.3, mu=0.1, batch_dim=1)
     opt = torch_hf.HessianFree(cell.parameters(), damping=damping, preconditioner=torch_hf.preconditioners.Identity(),
-                               cg_max_iters=30)
+                               cg_max_iters=30, **PINNED)
     return cell, opt, closure_for(x, y), closure_for(xc, y[:8])
 
 
-def _pinn():
+def _pinn(**options):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     g = torch.Generator().manual_seed(5)
@@ -106,12 +112,48 @@ def _pinn():
         r = torch.cat([(lap + f) / math.sqrt(len(inner)), model(edge).squeeze(-1) / math.sqrt(len(edge))])
         return (r ** 2).sum(), r
 
-    opt = torch_hf.HessianFree(model.parameters(), cg_stop="progress", generator=torch.Generator().manual_seed(6))
+    options = options or {"cg_stop": "progress", "solver": "cg"}
+    opt = torch_hf.HessianFree(model.parameters(), generator=torch.Generator().manual_seed(6), **options)
     return model, opt, closure, None
 
 
+def _auto_pinn():
+    """The defaults on a full-batch PINN: CG with the rate rule until the objective is seen
+    to repeat, then the progress rule, then the dense solve once CG costs more."""
+    return _pinn(weight_decay=0.0)
+
+
+def _auto_minibatch():
+    """The defaults on minibatches (a new batch each step): f never repeats, CG keeps the
+    rate rule and the solver stays CG."""
+    model, _ = _autoencoder()
+    x = torch.rand(256, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    opt = torch_hf.HessianFree(model.parameters(), generator=torch.Generator().manual_seed(8))
+    steps = iter(range(10**6))
+
+    class NextBatch:
+        """Steps the optimizer on batch k at its k-th step (trial points included)."""
+        param_groups = opt.param_groups
+
+        @property
+        def last_step(self):
+            return opt.last_step
+
+        def step(self, closure, curvature_closure=None):
+            xb = x[32 * (next(steps) % 8):][:32]
+
+            def batch():
+                z = model(xb)
+                return F.binary_cross_entropy_with_logits(z, xb), z
+
+            return opt.step(batch)
+
+    return model, NextBatch(), None, None
+
+
 CASES: dict[str, Callable] = {"defaults": _defaults, "kfac": _kfac, "hessian": _hessian,
-                              "structural_rnn": _structural_rnn, "pinn": _pinn}
+                              "structural_rnn": _structural_rnn, "pinn": _pinn, "auto_pinn": _auto_pinn,
+                              "auto_minibatch": _auto_minibatch}
 
 
 def trajectory(name: str, steps: int = STEPS) -> dict:

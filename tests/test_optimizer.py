@@ -725,7 +725,7 @@ def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_bit_for_bit():
     model.load_state_dict(saved["model"])
     opt = HessianFree(model.parameters(), damping=torch_hf.damping.ScaleSensitive(2.0),
                       preconditioner=GGNDiagonal(decay=0.9), weight_decay=1e-4, cg_max_iters=30,
-                      generator=torch.Generator().manual_seed(999))
+                      generator=torch.Generator().manual_seed(999), cg_stop="rate", solver="cg")  # 0.1.0's rules
     opt.load_state_dict(saved["optimizer"])
     for expected in saved["continuation"]:
         opt.step(closure)

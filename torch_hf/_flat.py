@@ -31,5 +31,24 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def unflatten_columns(V: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """The columns of a (numel × k) matrix as k-batched tensors shaped ``(k, *p.shape)``."""
+    k, out, offset = V.shape[1], [], 0
+    for p in like:
+        n = p.numel()
+        out.append(V[offset:offset + n].t().reshape(k, *p.shape))
+        offset += n
+    if offset != V.shape[0]:
+        raise ValueError(f"V has {V.shape[0]} rows but the parameters have {offset} entries")
+    return out
+
+
+def flatten_columns(tensors: Sequence[Tensor | None], like: Sequence[Tensor], k: int) -> Tensor:
+    """Inverse of :func:`unflatten_columns`: k-batched tensors (``None``: zeros) as a (numel × k) matrix."""
+    parts = [torch.zeros(k, p.numel(), dtype=p.dtype, device=p.device) if t is None else t.reshape(k, -1)
+             for t, p in zip(tensors, like)]
+    return torch.cat(parts, dim=1).t()
+
+
 def numel(params: Iterable[Tensor]) -> int:
     return sum(p.numel() for p in params)

@@ -31,7 +31,7 @@ class CGConfig:
     max_iters: int = 250
     min_iters: int = 1
     tol: float = 5e-4
-    stop: str = "rate"
+    stop: str = "auto"
     decay: float = 0.95
     backtracking_factor: float | None = 1.3
     trust_radius: float | None = None
@@ -43,8 +43,8 @@ class CGConfig:
             raise ValueError(f"Invalid cg_min_iters: {self.min_iters} (must be an int in [0, cg_max_iters])")
         if not self.tol >= 0:
             raise ValueError(f"Invalid cg_tol: {self.tol} (must be >= 0)")
-        if self.stop not in ("progress", "rate"):
-            raise ValueError(f"Invalid cg_stop: {self.stop!r} (must be 'progress' or 'rate')")
+        if self.stop not in ("auto", "progress", "rate"):
+            raise ValueError(f"Invalid cg_stop: {self.stop!r} (must be 'auto', 'progress' or 'rate')")
         if not 0 <= self.decay <= 1:
             raise ValueError(f"Invalid cg_decay: {self.decay} (must be in [0, 1])")
         if self.backtracking_factor is not None and not self.backtracking_factor > 1:
@@ -73,8 +73,12 @@ class LineSearchConfig:
 
 
 def check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
-                   curvature_batch) -> None:
+                   curvature_batch, solver="auto", dense_max_params=4096) -> None:
     """The constructor's checks of what is not a part or a config object (each error names its argument)."""
+    if solver not in ("auto", "cg", "dense"):
+        raise ValueError(f"Invalid solver: {solver!r} (must be 'auto', 'cg' or 'dense')")
+    if not (isinstance(dense_max_params, int) and not isinstance(dense_max_params, bool) and dense_max_params >= 0):
+        raise ValueError(f"Invalid dense_max_params: {dense_max_params} (must be an int >= 0)")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"Invalid lr: {lr} (must be > 0)")
     if not weight_decay >= 0:

@@ -60,6 +60,12 @@ class DampedOperator:
         self._shift = None if diagonal is None else diagonal + weight_decay.eta
         self.products = 0
 
+    @property
+    def shift(self) -> float | Tensor | None:
+        """diag(λD) + η, what the damping and the weight decay add to B's diagonal
+        (``None`` when the damping is not diagonal)."""
+        return self._shift
+
     def mv(self, v: Tensor) -> Tensor:
         self.products += 1
         out = self.curvature.mv(v)

@@ -21,6 +21,10 @@ class StepDiagnostics:
     ``"saddle"`` (a negative eigenvalue the Gauss-Newton matrix does not see), ``"plateau"``
     (curvature too small for any step to change the loss resolvably) or ``"unknown"`` (the
     Hessian could not be evaluated). Only the last three warn.
+
+    ``regime`` is what :mod:`torch_hf.regime` has measured of the objective before this
+    step (``"deterministic"``, ``"stochastic"`` or ``"unknown"``), ``cg_stop`` the CG rule
+    the step used, and ``solver`` ``"cg"`` or ``"dense"`` (:mod:`torch_hf.dense`).
     """
 
     step: int = 0
@@ -31,6 +35,9 @@ class StepDiagnostics:
     damping_next: float = float("nan")
     cg_iterations: int = 0
     cg_stop_reason: str = ""
+    cg_stop: str = ""
+    solver: str = "cg"
+    regime: str = "unknown"
     chosen_iteration: int = 0
     line_search_alpha: float = float("nan")
     predicted_reduction: float = float("nan")

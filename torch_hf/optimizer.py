@@ -20,6 +20,7 @@ damped system :class:`torch_hf.damped.DampedOperator`, the settings :mod:`torch_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -35,6 +36,8 @@ from .config import GROUP_KEYS, CGConfig, LineSearchConfig, check_options, check
 from .curvature import GGN, CurvatureOperator, Hessian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
+from . import regime
+from .dense import DENSE_PRODUCTS_PER_COLUMN, dense_matrix, dense_solve
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -71,11 +74,13 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: most CG iterations per step (§8.7: 250).
         cg_min_iters: fewest CG iterations before progress termination.
         cg_tol: relative-progress threshold of §4.
-        cg_stop: ``"rate"`` (default): CG also stops once its model decrease per iteration
-            falls below the step's average per unit of cost, the rest of the step counted
-            in products from the batch sizes (:mod:`torch_hf.cg`; §4's economical
-            truncation, more updates per second with minibatches). ``"progress"``: the
-            paper's rule alone; prefer it for full-batch precise fits (PINNs, regression).
+        cg_stop: ``"auto"`` (default): ``"progress"`` once the objective is measured to be
+            deterministic (full batch, :mod:`torch_hf.regime`), ``"rate"`` until then and on
+            a stochastic one. ``"rate"``: CG also stops once its model decrease per
+            iteration falls below the step's average per unit of cost, the rest of the
+            step counted in products from the batch sizes (:mod:`torch_hf.cg`; §4's
+            economical truncation, more updates per second with minibatches).
+            ``"progress"``: the paper's rule alone (precise full-batch fits gain from it).
         cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
         backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
             disables backtracking (the last iterate is used).
@@ -108,6 +113,16 @@ class HessianFree(torch.optim.Optimizer):
             curvature uses the gradient batch or ``step``'s ``curvature_closure``.
         history_size: how many steps' :class:`StepDiagnostics` :attr:`history` keeps
             (``None``: all); :attr:`last_step` is always kept.
+        solver: how δ is computed. ``"cg"``: truncated PCG (Alg. 2). ``"dense"``: the
+            damped system solved exactly by Cholesky on the dense curvature matrix
+            (:mod:`torch_hf.dense`; small models only), CG where the matrix is not
+            positive definite. ``"auto"`` (default): dense on a deterministic objective
+            (:mod:`torch_hf.regime`) with at most ``dense_max_params`` parameters once CG
+            spends more products than the dense matrix costs (about ``n/2`` products for
+            n parameters), and CG otherwise. The dense solve needs a diagonal damping.
+        dense_max_params: the most parameters ``solver="auto"`` solves densely (4096: the
+            n³/3-flop factorisation and the n² matrix stay below about a second and
+            128 MiB in float64).
         flush_denormal: on CPU, treat subnormal floats as zero while the step runs and
             restore the caller's mode afterwards: x86 handles them in slow microcode (a
             CURVES gradient: 111 ms with them, 12 ms without, ``benchmarks/subnormals.py``).
@@ -136,7 +151,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_max_iters: int = 250,
         cg_min_iters: int = 1,
         cg_tol: float = 5e-4,
-        cg_stop: str = "rate",
+        cg_stop: str = "auto",
         cg_decay: float = 0.95,
         backtracking_factor: float | None = 1.3,
         line_search_c: float | None = 1e-2,
@@ -153,6 +168,8 @@ class HessianFree(torch.optim.Optimizer):
         curvature_batch: int | None = None,
         history_size: int | None = 100,
         flush_denormal: bool = True,
+        solver: str = "auto",
+        dense_max_params: int = 4096,
     ) -> None:
         if curvature not in ("ggn", "hessian") and not (isinstance(curvature, type)
                                                        and issubclass(curvature, CurvatureOperator)):
@@ -161,7 +178,8 @@ class HessianFree(torch.optim.Optimizer):
                            cg_check_every)
         self.line_search = LineSearchConfig(line_search_c, line_search_beta, line_search_max_evals)
         check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
-                      curvature_batch)
+                      curvature_batch, solver, dense_max_params)
+        self.solver, self.dense_max_params = solver, dense_max_params
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.curvature, self.loss_hvp, self.process_group = curvature, loss_hvp, process_group
         self.damping = Tikhonov(1.0) if damping is None else damping
@@ -303,14 +321,32 @@ class HessianFree(torch.optim.Optimizer):
         with _timed(times, "gradient_and_curvature"):  # lines 1-2
             ev = evaluate(params, closure, curvature_closure, self._curvature_operator,
                           "extra_hvp" in self.damping.curvature_kwargs(), decay, reducer)
+        regime.observe(state, ev.f, ev.resolution)
+        deterministic = regime.deterministic(state)
+        cg_stop = self.cg.stop if self.cg.stop != "auto" else ("progress" if deterministic else "rate")
+        dense = self._use_dense(params, deterministic, state)
         with _timed(times, "preconditioner"):  # line 3
-            lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer)
+            lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer, not dense)
+            if dense and A.shift is None:  # structural damping: not a diagonal shift
+                dense = False
+                self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
+                                           **({} if reducer is None else {"reduce": reducer}))
         with _timed(times, "cg"):  # line 4
-            overhead = overhead_iterations(ev.batch_ratio, ev.separate_gradient,
-                                           not isinstance(self.preconditioner, Identity),
-                                           self._last_trial_evaluations) if self.cg.stop == "rate" else None
-            result = solve(A, ev.grad, state.get("delta"), self.preconditioner, self.cg,
-                           self._check_every(params), overhead)
+            result = None
+            if dense:
+                result = dense_solve(dense_matrix(ev.curvature, A.shift, reducer), ev.grad)
+                if result is None:
+                    logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
+                    self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
+                                               **({} if reducer is None else {"reduce": reducer}))
+            if result is None:
+                overhead = overhead_iterations(ev.batch_ratio, ev.separate_gradient,
+                                               not isinstance(self.preconditioner, Identity),
+                                               self._last_trial_evaluations) if cg_stop == "rate" else None
+                config = self.cg if cg_stop == self.cg.stop else dataclasses.replace(self.cg, stop=cg_stop)
+                result = solve(A, ev.grad, state.get("delta"), self.preconditioner, config,
+                               self._check_every(params), overhead)
+                state["cg_products"] = A.products
         with _timed(times, "backtracking_and_line_search"):
             objective = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)
             chosen, delta, q_chosen, f_best = backtrack(result, objective, self.cg.backtracking_factor is None)
@@ -325,6 +361,7 @@ class HessianFree(torch.optim.Optimizer):
                                               informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
+        regime.remember(state, ev.f if step_scale == 0.0 else f_new if step_scale == alpha else None)
 
         def judge() -> tuple[str, str]:
             with _timed(times, "stall_check"):
@@ -336,7 +373,8 @@ class HessianFree(torch.optim.Optimizer):
         self.last_step = StepDiagnostics(
             step=state["step"], loss_before=ev.f, loss_after=f_new if step_scale == alpha else math.nan, rho=rho,
             damping=lam, damping_next=self.damping.value, cg_iterations=result.iterations,
-            cg_stop_reason=result.stop_reason, chosen_iteration=chosen, line_search_alpha=alpha,
+            cg_stop_reason=result.stop_reason, cg_stop=cg_stop, solver="dense" if result.stop_reason == "dense"
+            else "cg", regime="deterministic" if deterministic else regime.describe(state), chosen_iteration=chosen, line_search_alpha=alpha,
             predicted_reduction=model_reduction, rho_informative=informative, converged=stall == "converged",
             stall=stall, directional_derivative=slope, curvature_products=A.products,
             objective_evaluations=objective.evaluations, backtracking_evaluations=backtracking_evaluations,
@@ -369,15 +407,29 @@ class HessianFree(torch.optim.Optimizer):
         return op
 
     def _damped_system(self, ev: Evaluation, params: list[Tensor], decay: WeightDecay,
-                       reducer: Reducer | None) -> DampedOperator:
-        """Line 3: this step's damping λD (§8) and preconditioner P (§11), and the damped
-        operator A = B + λD + ηI."""
+                       reducer: Reducer | None, precondition: bool = True) -> DampedOperator:
+        """Line 3: this step's damping λD (§8) and preconditioner P (§11; not needed by a
+        dense solve), and the damped operator A = B + λD + ηI."""
         # `reduce` only under data parallelism: custom preconditioners need not accept it. The
         # Reducer itself is the callable (its rank and size shard the random estimators' probes).
         reduce_kwargs = {} if reducer is None else {"reduce": reducer}
         self.damping.prepare(DampingContext(curvature=ev.curvature, **reduce_kwargs))
-        self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(), **reduce_kwargs)
+        if precondition:
+            self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(), **reduce_kwargs)
         return DampedOperator(ev.curvature, self.damping, decay, reducer)
+
+    def _use_dense(self, params: list[Tensor], deterministic: bool, state: dict) -> bool:
+        """Whether line 4 solves the damped system exactly (:mod:`torch_hf.dense`): always
+        with ``solver="dense"``; with ``"auto"`` on a deterministic objective of at most
+        ``dense_max_params`` parameters once the last CG cost more products than the dense
+        matrix would (the damping must turn out diagonal: checked once it is prepared)."""
+        if self.solver == "cg":
+            return False
+        if self.solver == "dense":
+            return True
+        n = sum(p.numel() for p in params)
+        return (deterministic and n <= self.dense_max_params
+                and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
 
     def _apply(self, params: list[Tensor], theta0: Tensor, delta: Tensor, alpha: float, last_iterate: Tensor,
                state: dict) -> float:

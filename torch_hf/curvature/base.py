@@ -42,8 +42,16 @@ class CurvatureOperator:
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.mv(v)
 
-    def dense(self) -> Tensor:
-        """The whole matrix, column by column (tiny models only: n products)."""
+    def mm(self, V: Tensor) -> Tensor:
+        """B V for a (numel × k) block of columns; one product per column here, batched
+        through autograd by the operators that can (:class:`GGN`, :class:`Hessian`)."""
+        if V.dim() != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"V must be a ({self.numel} x k) matrix, got {tuple(V.shape)}")
+        return torch.stack([self.mv(V[:, i]) for i in range(V.shape[1])], dim=1)
+
+    def dense(self, chunk: int = 64) -> Tensor:
+        """The whole matrix B (n × n), ``chunk`` columns at a time through :meth:`mm`
+        (small models only: the cost is about n products, batched where the operator can)."""
         n = self.numel
         eye = torch.eye(n, dtype=self._grad.dtype, device=self._grad.device)
-        return torch.stack([self.mv(eye[i]) for i in range(n)], dim=1)
+        return torch.cat([self.mm(eye[:, i:i + chunk]) for i in range(0, n, chunk)], dim=1)

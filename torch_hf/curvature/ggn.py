@@ -212,6 +212,82 @@ class GGN(CurvatureOperator):
                                     allow_unused=True)
         return _flat.flatten(g, self.params)
 
+    def mm(self, V: Tensor) -> Tensor:
+        """G V for a (numel × k) block: J V, L''(J V) and Jᵀ(·) each as one batched pass
+        (``is_grads_batched``) through the cached graph, so k columns cost far less than k
+        products (the dense Gauss-Newton solve builds G this way). Falls back to one
+        product per column where a batched pass is not available (recompute, extras, an
+        op without a batching rule)."""
+        if V.dim() != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"V must be a ({self.numel} x k) matrix, got {tuple(V.shape)}")
+        if self.recompute or self.extras or V.device.type == "cpu":
+            # On CPU the batched pass is slower than a loop (PINN, 257 columns: 0.69 s against 0.49 s).
+            return super().mm(V)
+        k, parts = V.shape[1], _flat.unflatten_columns(V, self.params)
+        try:
+            with torch.enable_grad():
+                jv = torch.autograd.grad([g for _, g in self._jt_u_live], self._u,
+                                         [parts[i] for i, _ in self._jt_u_live], retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+                jv = tuple(o.new_zeros((k, *o.shape)) if t is None else t for o, t in zip(self.outputs, jv))
+                if self._user_loss_hvp is None and self.matching_loss is None:
+                    w = torch.autograd.grad(self._grad_z, self.outputs, jv, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+                    w = tuple(torch.zeros_like(u) if t is None else t for u, t in zip(jv, w))
+                else:
+                    w = torch.func.vmap(lambda *u: tuple(self.loss_hvp(u)))(*jv)
+                g = torch.autograd.grad(self.outputs, self.params, w, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:
+            return super().mm(V)
+        return _flat.flatten_columns(g, self.params, k)
+
+    def dense(self, chunk: int = 64) -> Tensor:
+        """G = (J V)ᵀ L'' (J V) with V = I: the columns of J by forward products only (no
+        Jᵀ pass), batched on accelerators, then one matrix product; about 0.55 products
+        per column on CPU (a 2-64-1 PINN on 1,020 residuals). With extras, column by column."""
+        if self.extras:
+            return super().dense(chunk)
+        n = self.numel
+        eye = torch.eye(n, dtype=self._grad.dtype, device=self._grad.device)
+        J_blocks, W_blocks = [], []
+        for start in range(0, n, chunk):
+            V = eye[:, start:start + chunk]
+            jv = self._jv_columns(V)
+            w = self._loss_hvp_columns(jv)
+            J_blocks.append(torch.cat([t.reshape(t.shape[0], -1) for t in jv], dim=1))
+            W_blocks.append(torch.cat([t.reshape(t.shape[0], -1) for t in w], dim=1))
+        J, W = torch.cat(J_blocks), torch.cat(W_blocks)  # (n × outputs)
+        G = J @ W.t()
+        return 0.5 * (G + G.t())  # symmetric to rounding, exactly
+
+    def _jv_columns(self, V: Tensor) -> tuple[Tensor, ...]:
+        """J V for a block of k columns, each output batched as (k, *output.shape)."""
+        k = V.shape[1]
+        if not (self.recompute or V.device.type == "cpu"):
+            parts = _flat.unflatten_columns(V, self.params)
+            try:
+                with torch.enable_grad():
+                    jv = torch.autograd.grad([g for _, g in self._jt_u_live], self._u,
+                                             [parts[i] for i, _ in self._jt_u_live], retain_graph=True,
+                                             allow_unused=True, is_grads_batched=True)
+                return tuple(o.new_zeros((k, *o.shape)) if t is None else t for o, t in zip(self.outputs, jv))
+            except RuntimeError:
+                pass
+        cols = [self.jvp(V[:, i]) for i in range(k)]
+        return tuple(torch.stack([c[j] for c in cols]) for j in range(len(self.outputs)))
+
+    def _loss_hvp_columns(self, jv: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """L'' applied to each of k batched output directions."""
+        if self.matching_loss is not None or self._user_loss_hvp is not None:
+            try:
+                return tuple(torch.func.vmap(lambda *u: tuple(self.loss_hvp(u)))(*jv))
+            except RuntimeError:
+                pass
+        k = jv[0].shape[0]
+        cols = [self.loss_hvp(tuple(t[i] for t in jv)) for i in range(k)]
+        return tuple(torch.stack([c[j] for c in cols]) for j in range(len(self.outputs)))
+
     def loss_sqrt_hvp(self, v: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...] | None:
         """S v with S Sᵀ = L'' (for §11.4's estimator), or ``None`` without a closed form."""
         if self.matching_loss is None:

@@ -56,3 +56,21 @@ class Hessian(CurvatureOperator):
                 retain_graph=True, allow_unused=True,
             )
         return _flat.flatten(hv, self.params)
+
+    def mm(self, V: Tensor) -> Tensor:
+        """H V for a (numel × k) block in one batched backward pass (``is_grads_batched``);
+        one product per column where that is not available."""
+        if V.dim() != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"V must be a ({self.numel} x k) matrix, got {tuple(V.shape)}")
+        if not self._live:
+            return torch.zeros_like(V)
+        if V.device.type == "cpu":  # a loop is faster there (see GGN.mm)
+            return super().mm(V)
+        k, parts = V.shape[1], _flat.unflatten_columns(V, self.params)
+        try:
+            with torch.enable_grad():
+                hv = torch.autograd.grad([g for _, g in self._live], self.params, [parts[i] for i, _ in self._live],
+                                         retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:
+            return super().mm(V)
+        return _flat.flatten_columns(hv, self.params, k)
