@@ -18,8 +18,10 @@ Both problems are full-batch, float64, with a tanh MLP 2-32-32-1 (PyTorch's defa
 * ``regression``: fit u*(x, y) = sin(πx)·cos(πy) + ½·sin(2πxy) on [-1, 1]² from 2000
   random points; the score is the MSE on 2000 other points (``test_error``).
 
-Optimizers: ``hf`` (torch_hf.HessianFree with the library's defaults and
-``cg_stop="progress"``, the setting for full-batch precise fits), ``adam`` (``--lr``),
+Optimizers: ``hf`` (torch_hf.HessianFree with the library's defaults, which see that the
+problem is full-batch and choose CG's rule and, for a small network, the exact dense
+solve themselves), ``engd`` (a Gauss-Newton step with fixed λ = 1e-10 and a line search,
+as Dangel et al. ran ENGD), ``adam`` (``--lr``),
 ``lbfgs`` (``torch.optim.LBFGS`` with strong Wolfe line search, the usual second-order
 baseline of the PINN literature), or ``all`` (the default): HF, Adam at 1e-3, 3e-3 and
 1e-2 (its learning rate tuned over three values) and L-BFGS one after another, each with
@@ -44,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and ``torch_h
 
 import torch_hf  # noqa: E402
 from recipes.cli import add_overwrite_option, check_args, refuse_overwrite, time_report  # noqa: E402
+from recipes.pinns import BENCHMARK, published_table  # noqa: E402
 from recipes.plot import plot_results  # noqa: E402
 from recipes.runner import (Budget, Run, add_clock_option, add_subnormal_option, diverged,  # noqa: E402
                             subnormals_flushed, write_json)
@@ -203,6 +206,11 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {"regression": Regression, "pinn":
                                               "reaction_diffusion": ReactionDiffusion}
 TITLES = {"regression": "smooth 2-D regression", "pinn": "2-D Poisson PINN",
           "reaction_diffusion": "reaction-diffusion PINN (nonlinear, time-dependent)"}
+# The instances of Dangel et al. (2024), recipes/pinns.py; each brings its own network.
+for _name, (_factory, _params, _budget) in BENCHMARK.items():
+    PROBLEMS[_name] = _factory
+    SCORE[_name] = "L2 error (RMS)"
+    TITLES[_name] = f"Dangel et al. (2024) {_name.replace('_', ', D = ')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,15 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=f"Default: the PINN with every optimizer, {DEFAULT_TIME_BUDGET:.0f} s of CPU "
                                         f"time each on one thread. {EXPECTED}")
     ap.add_argument("--problem", choices=sorted(PROBLEMS), default="pinn")
-    ap.add_argument("--optimizer", choices=["hf", "adam", "lbfgs", "all"], default="all",
+    ap.add_argument("--optimizer", choices=["hf", "adam", "lbfgs", "engd", "all"], default="all",
                     help="'all' (default): HF, Adam at lr 1e-3/3e-3/1e-2 and L-BFGS, one after another")
     ap.add_argument("--preconditioner", choices=["default", "none"], default="default",
                     help="HF: the library's default (GGN diagonal, §11.4) or none; the PINN's per-case diagonal "
                          "is not available (its weights are shared across the Laplacian's passes), so the "
                          "estimate is a whole-batch one")
-    ap.add_argument("--cg-stop", choices=["progress", "rate"], default="progress",
-                    help="HF: CG's termination (default progress, the rule for full-batch fits; rate: the library's "
-                         "default, made for minibatches)")
+    ap.add_argument("--cg-stop", choices=["auto", "progress", "rate"], default="auto",
+                    help="HF: CG's termination (default auto, the library's: progress once the objective is seen to be "
+                         "deterministic, rate otherwise)")
+    ap.add_argument("--solver", choices=["auto", "cg", "dense"], default="auto",
+                    help="HF: how the step is solved (default auto, the library's: the dense exact solve for a small "
+                         "deterministic problem once CG costs more, CG otherwise)")
     ap.add_argument("--damping", type=float, default=None, help="HF: initial lambda (library default 1)")
     ap.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 1e-3); L-BFGS: 1")
     ap.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
@@ -253,11 +264,19 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner: str = "default",
-                   cg_stop: str = "progress", damping: float | None = None) -> torch.optim.Optimizer:
-    if name == "hf":  # the library's defaults, with the full-batch CG rule (one argument)
+                   cg_stop: str = "auto", damping: float | None = None, solver: str = "auto") -> torch.optim.Optimizer:
+    if name == "hf":  # the library's defaults
         pre = torch_hf.preconditioners.Identity() if preconditioner == "none" else None
         lam = None if damping is None else torch_hf.damping.Tikhonov(damping)
-        return torch_hf.HessianFree(model.parameters(), damping=lam, preconditioner=pre, cg_stop=cg_stop)
+        return torch_hf.HessianFree(model.parameters(), damping=lam, preconditioner=pre, cg_stop=cg_stop,
+                                    solver=solver)
+    if name == "engd":
+        # ENGD as Dangel et al. ran it (a Gauss-Newton step with a tiny fixed damping and a
+        # line search on the step length), built from the library's parts: the dense exact
+        # solve, λ fixed at 1e-10, no CG, Armijo backtracking by halves over 30 lengths.
+        return torch_hf.HessianFree(model.parameters(), solver="dense", damping=torch_hf.damping.Tikhonov(
+            1e-10 if damping is None else damping, adapt=None), preconditioner=torch_hf.preconditioners.Identity(),
+            cg_decay=0.0, line_search_beta=0.5, line_search_max_evals=30, line_search_c=1e-4)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr if lr is not None else 1e-3)
     if name == "lbfgs":
@@ -295,9 +314,11 @@ def _train(cfg: dict, progress: bool) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     problem = PROBLEMS[cfg["problem"]]()
-    model = mlp(cfg.get("width", 32), cfg.get("depth", 2), cfg.get("seed", 0))
+    # A benchmark instance brings its network (architecture and seeds as published).
+    model = problem.model() if hasattr(problem, "model") else mlp(cfg.get("width", 32), cfg.get("depth", 2),
+                                                                   cfg.get("seed", 0))
     opt = make_optimizer(cfg["optimizer"], model, cfg.get("lr"), cfg.get("preconditioner", "default"),
-                         cfg.get("cg_stop") or "progress", cfg.get("damping"))
+                         cfg.get("cg_stop") or "auto", cfg.get("damping"), cfg.get("solver") or "auto")
     budget = cfg.get("time_budget") or 0.0
     evals = [0]  # loss evaluations (L-BFGS makes several per step())
 
@@ -329,17 +350,18 @@ def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.M
     evaluation row (HF's ρ, λ and CG iterations)."""
     def closure():
         evals[0] += 1
-        if name == "hf":
+        if name in ("hf", "engd"):
             return problem.loss(model)
         opt.zero_grad(set_to_none=True)
         loss = problem.loss(model)[0]
         loss.backward()
         return loss
 
-    if name == "hf":
+    if name in ("hf", "engd"):
         opt.step(closure)
         d = opt.last_step
-        return {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations, "accepted": d.accepted}
+        return {"rho": d.rho, "damping": d.damping, "cg_iterations": d.cg_iterations, "accepted": d.accepted,
+                "solver": d.solver, "regime": d.regime}
     if name == "lbfgs":
         opt.step(closure)
     else:
@@ -358,7 +380,8 @@ def _run_name(cfg: dict) -> str:
     name = cfg["optimizer"] + (f" lr {cfg.get('lr') or 1e-3:g}" if cfg["optimizer"] == "adam" else "")
     if cfg["optimizer"] == "hf":
         name += " (no preconditioner)" if cfg.get("preconditioner") == "none" else ""
-        name += " (cg_stop rate)" if cfg.get("cg_stop") == "rate" else ""
+        name += f" (cg_stop {cfg['cg_stop']})" if cfg.get("cg_stop") not in (None, "auto") else ""
+        name += f" (solver {cfg['solver']})" if cfg.get("solver") not in (None, "auto") else ""
         name += f" (lambda0 {cfg['damping']:g})" if cfg.get("damping") is not None else ""
     return name
 
@@ -405,8 +428,10 @@ def output_paths(cfg: dict) -> tuple[Path, Path]:
         stem += f"_lr{cfg.get('lr') or 1e-3:g}"
     if cfg["optimizer"] == "hf" and cfg.get("preconditioner") == "none":
         stem += "_nopre"
-    if cfg["optimizer"] == "hf" and cfg.get("cg_stop") == "rate":
-        stem += "_rate"
+    if cfg["optimizer"] == "hf" and cfg.get("cg_stop") not in (None, "auto"):
+        stem += f"_{cfg['cg_stop']}"
+    if cfg["optimizer"] == "hf" and cfg.get("solver") not in (None, "auto"):
+        stem += f"_{cfg['solver']}"
     if cfg["optimizer"] == "hf" and cfg.get("damping") is not None:
         stem += f"_lambda{cfg['damping']:g}"
     if cfg.get("tag"):
@@ -451,6 +476,9 @@ def main(argv=None) -> list[dict]:
     line = verdict(results, budget)
     if line:
         print(line)
+    if args.problem in BENCHMARK:
+        print("\nAgainst the published figures of Dangel et al. (2024), theirs on a GPU, ours on this CPU:")
+        print(published_table(results, score_at))
     if args.problem == "pinn" and len(runs) > 1 and args.time_budget == DEFAULT_TIME_BUDGET and not args.max_iters:
         print(EXPECTED)
     print(f"plot -> {png}")

@@ -698,3 +698,57 @@ def test_scientific_recipe_passes_hfs_cg_rule_and_initial_damping(tmp_path):
                                  "--no-progress"])
     assert (tmp_path / "scientific_regression_hf_rate_lambda0.01.json").exists()
     assert result["config"]["cg_stop"] == "rate" and result["history"][-1]["damping"] == 0.01
+
+
+def test_the_published_pinn_benchmark_instances_are_rebuilt_as_their_repository_draws_them():
+    """recipes/pinns.py: the network under seed 1 in float32, then the points from the global
+    stream as it continues (their train.py), the exact solution scoring ~0 on the float32 targets."""
+    import math
+
+    import torch
+
+    from recipes import pinns
+
+    problem = pinns.DangelPoisson("mlp-tanh-64")
+    assert sum(p.numel() for p in problem.model().parameters()) == 257
+    torch.manual_seed(1)
+    reference = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    assert torch.equal(reference[0].weight.double(), problem.model()[0].weight)
+    x = torch.rand(900, 2)  # the global stream after the initialisation: their interior points
+    assert torch.equal(problem.x_int, x.double())
+    assert problem.x_eval.shape == (9000, 2)
+    on_face = ((problem.x_bnd == 0) | (problem.x_bnd == 1)).any(1)
+    assert bool(on_face.all())
+
+    class Exact(torch.nn.Module):
+        def forward(self, x):
+            return torch.prod(torch.sin(math.pi * x), 1, keepdim=True)
+
+    assert problem.score(Exact()) < 1e-15
+    r = problem.loss(Exact())[1]
+    assert float(r.detach().abs().max()) < 1e-5  # the targets are float32, as theirs
+
+    heat = pinns.DangelHeat("mlp-tanh-64")
+    assert heat.x_int.shape == (3000, 5) and heat.x_bnd.shape == (500, 5)
+    assert bool((heat.x_bnd[250:, 0] == 0).all())  # the initial condition at t = 0
+
+    class Decaying(torch.nn.Module):  # u* = e^{-t} Σ sin(2 x_i)
+        def forward(self, x):
+            return (torch.exp(-x[:, :1]) * torch.sin(2 * x[:, 1:]).sum(1, keepdim=True))
+
+    assert heat.score(Decaying()) < 1e-15
+    assert float(heat.loss(Decaying())[1].detach().abs().max()) < 1e-5
+    before = heat.x_int.clone()
+    heat.advance()
+    assert torch.equal(heat.x_int, before)  # the first step uses the first draw
+    heat.advance()
+    assert not torch.equal(heat.x_int, before)  # resampled every step (their HF run's batch_frequency 1)
+
+
+def test_the_benchmark_table_sets_each_run_against_the_published_figures(tmp_path, capsys):
+    from recipes import scientific
+
+    scientific.main(["--problem", "poisson2d_257", "--optimizer", "hf", "--max-iters", "3", "--time-budget", "0",
+                     "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "Dangel et al. (2024)" in out and "| poisson2d_257 (257) | hf |" in out and "ENGD 6.2e-08" in out

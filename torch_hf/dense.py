@@ -27,20 +27,23 @@ __all__ = ["DENSE_PRODUCTS_PER_COLUMN", "dense_matrix", "dense_solve"]
 DENSE_PRODUCTS_PER_COLUMN = 0.5
 
 
-def dense_matrix(curvature: Any, shift: float | Tensor, reducer: Any = None) -> Tensor:
-    """A = B + diag(shift) as a dense (n × n) matrix, B averaged over the process group."""
+def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:
+    """B as a dense (n × n) matrix, averaged over the process group."""
     B = curvature.dense()
     if reducer is not None:
         reducer.mean_(B)
-    B.diagonal().add_(shift)  # a fresh matrix: B + λD + ηI in place
     return B
 
 
-def dense_solve(A: Tensor, grad: Tensor) -> CGResult | None:
-    """δ = −A⁻¹∇f by Cholesky, as a :class:`~torch_hf.cg.CGResult` (no iterations, stop
-    reason ``"dense"``, q(δ) = ½ ∇fᵀδ, the minimum of q(x) = ½ xᵀAx + ∇fᵀx). ``None``
-    when A is not numerically positive definite (an indefinite Hessian, or λ below the
-    rounding of B): the caller then runs CG, which handles negative curvature."""
+def dense_solve(B: Tensor, damping_diagonal: float | Tensor, weight_decay: float | Tensor,
+                grad: Tensor) -> CGResult | None:
+    """δ = −(B + λD + ηI)⁻¹∇f by Cholesky (λD is ``damping_diagonal``), as a
+    :class:`~torch_hf.cg.CGResult` with no iterations, stop reason ``"dense"`` and
+    q(δ) = ½ ∇fᵀδ, the minimum of q(x) = ½ xᵀAx + ∇fᵀx. ``None`` when the matrix is not
+    numerically positive definite (an indefinite Hessian, or λ below B's rounding): the
+    caller then runs CG, which handles negative curvature."""
+    A = B.clone()
+    A.diagonal().add_(damping_diagonal + weight_decay)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         return None

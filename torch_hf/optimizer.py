@@ -334,7 +334,8 @@ class HessianFree(torch.optim.Optimizer):
         with _timed(times, "cg"):  # line 4
             result = None
             if dense:
-                result = dense_solve(dense_matrix(ev.curvature, A.shift, reducer), ev.grad)
+                result = dense_solve(dense_matrix(ev.curvature, reducer), self.damping.diagonal(), decay.diagonal(),
+                                     ev.grad)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
                     self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),

@@ -1,0 +1,142 @@
+"""The dense exact solve (torch_hf/dense.py) and the dense curvature matrices it is built from."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_hf
+from torch_hf.cg import cg
+from torch_hf.curvature import GGN, Hessian
+from torch_hf.dense import dense_matrix, dense_solve
+
+
+def _problem(loss: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(11, 3, dtype=torch.float64)
+    y = torch.randn(11, 2, dtype=torch.float64)
+
+    def closure():
+        z = model(x)
+        if loss == "mse":
+            return F.mse_loss(z, y), z
+        if loss == "ce":
+            return F.cross_entropy(z, y.argmax(1)), z
+        return ((z - y) ** 4).sum() / 11, z  # not a matching loss: L'' by double backward
+
+    return model, closure
+
+
+def _columns(op) -> torch.Tensor:
+    eye = torch.eye(op.numel, dtype=torch.float64)
+    return torch.stack([op.mv(eye[i]) for i in range(op.numel)], 1)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "quartic"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_dense_ggn_is_its_products_column_by_column(loss, chunk):
+    model, closure = _problem(loss)
+    op = GGN(list(model.parameters()), closure)
+    G = op.dense(chunk=chunk)
+    torch.testing.assert_close(G, _columns(op), rtol=1e-12, atol=1e-13)
+    assert torch.equal(G, G.t())
+
+
+@pytest.mark.parametrize("op_cls", [GGN, Hessian])
+def test_mm_is_one_product_per_column(op_cls):
+    model, closure = _problem("quartic")
+    op = op_cls(list(model.parameters()), closure)
+    V = torch.randn(op.numel, 4, dtype=torch.float64)
+    torch.testing.assert_close(op.mm(V), torch.stack([op.mv(V[:, i]) for i in range(4)], 1), rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="matrix"):
+        op.mm(V[:-1])
+
+
+def test_the_dense_solve_equals_cg_run_to_convergence():
+    model, closure = _problem("mse")
+    op = GGN(list(model.parameters()), closure)
+    B, g, lam, eta = dense_matrix(op), op.grad, 0.3, 1e-2
+    result = dense_solve(B, lam, eta, g)
+    reference = cg(lambda v: op.mv(v) + (lam + eta) * v, -g, None, max_iters=10 * op.numel, min_iters=0, tol=0.0)
+    torch.testing.assert_close(result.x, reference.x, rtol=1e-9, atol=1e-12)
+    assert result.stop_reason == "dense" and result.iterations == 0
+    assert math.isclose(result.q, reference.q, rel_tol=1e-9)
+    # q(δ) is the damped model's minimum: ½ δᵀAδ + gᵀδ at δ = −A⁻¹g
+    A = B + (lam + eta) * torch.eye(op.numel, dtype=torch.float64)
+    assert math.isclose(result.q, float(0.5 * result.x @ A @ result.x + g @ result.x), rel_tol=1e-10)
+
+
+def test_a_diagonal_damping_vector_is_added_to_the_diagonal():
+    model, closure = _problem("mse")
+    op = GGN(list(model.parameters()), closure)
+    B, g = dense_matrix(op), op.grad
+    d = torch.rand(op.numel, dtype=torch.float64) + 0.1
+    x = dense_solve(B, d, 0.0, g).x
+    torch.testing.assert_close((B + torch.diag(d)) @ x, -g, rtol=1e-9, atol=1e-12)
+
+
+def test_an_indefinite_matrix_is_left_to_cg():
+    B = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    assert dense_solve(B, 0.1, 0.0, torch.ones(3, dtype=torch.float64)) is None
+
+
+def test_an_hf_step_with_the_dense_solve_is_the_step_of_cg_run_to_convergence():
+    def step(**options):
+        model, closure = _problem("mse", seed=3)
+        opt = torch_hf.HessianFree(model.parameters(), preconditioner=torch_hf.preconditioners.Identity(),
+                                   backtracking_factor=None, line_search_c=None, cg_decay=0.0, **options)
+        opt.step(closure)
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), opt.last_step
+
+    x_dense, d_dense = step(solver="dense")
+    x_cg, d_cg = step(solver="cg", cg_max_iters=500, cg_min_iters=500, cg_tol=0.0)
+    assert d_dense.solver == "dense" and d_cg.solver == "cg"
+    torch.testing.assert_close(x_dense, x_cg, rtol=1e-9, atol=1e-11)
+    assert math.isclose(d_dense.rho, d_cg.rho, rel_tol=1e-7)
+
+
+def test_the_hessian_falls_back_to_cg_where_it_is_indefinite():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=torch.float64))
+
+    def closure():  # a saddle at 0: x² − y²·½ + y⁴
+        return w[0] ** 2 - 0.5 * w[1] ** 2 + w[1] ** 4 + 0.1 * w[1]
+
+    opt = torch_hf.HessianFree([w], curvature="hessian", solver="dense",
+                               damping=torch_hf.damping.Tikhonov(0.1, adapt=None))
+    opt.step(closure)
+    assert opt.last_step.solver == "cg"
+
+
+def test_auto_switches_to_the_dense_solve_on_a_small_deterministic_problem_once_cg_costs_more():
+    model, closure = _problem("mse", seed=5)
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch_hf.HessianFree(model.parameters(), generator=torch.Generator().manual_seed(0))
+    solvers = []
+    for _ in range(25):
+        opt.step(closure)
+        solvers.append(opt.last_step.solver)
+    first = solvers.index("dense")
+    assert first >= 2  # not before the objective is confirmed deterministic
+    cg_products = [d.curvature_products for d in opt.history[:first]]
+    assert cg_products[-1] >= 0.5 * n  # the switch happened because CG cost more than n/2 products
+    assert all(s == "dense" for s in solvers[first:])
+
+
+def test_auto_never_goes_dense_above_dense_max_params_or_when_asked_for_cg():
+    for options in ({"dense_max_params": 10}, {"solver": "cg"}):
+        model, closure = _problem("mse", seed=5)
+        opt = torch_hf.HessianFree(model.parameters(), **options)
+        for _ in range(15):
+            opt.step(closure)
+            assert opt.last_step.solver == "cg"
+
+
+def test_bad_solver_options_are_named():
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="solver"):
+        torch_hf.HessianFree(p, solver="cholesky")
+    with pytest.raises(ValueError, match="dense_max_params"):
+        torch_hf.HessianFree(p, dense_max_params=-1)
