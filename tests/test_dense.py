@@ -12,11 +12,11 @@ from torch_hf.curvature import GGN, Hessian
 from torch_hf.dense import dense_matrix, dense_solve
 
 
-def _problem(loss: str, seed: int = 0):
+def _problem(loss: str, seed: int = 0, cases: int = 11):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    x = torch.randn(11, 3, dtype=torch.float64)
-    y = torch.randn(11, 2, dtype=torch.float64)
+    x = torch.randn(cases, 3, dtype=torch.float64)
+    y = torch.randn(cases, 2, dtype=torch.float64)
 
     def closure():
         z = model(x)
@@ -24,7 +24,7 @@ def _problem(loss: str, seed: int = 0):
             return F.mse_loss(z, y), z
         if loss == "ce":
             return F.cross_entropy(z, y.argmax(1)), z
-        return ((z - y) ** 4).sum() / 11, z  # not a matching loss: L'' by double backward
+        return ((z - y) ** 4).sum() / cases, z  # not a matching loss: L'' by double backward
 
     return model, closure
 
@@ -82,19 +82,50 @@ def test_an_indefinite_matrix_is_left_to_cg():
     assert dense_solve(B, 0.1, 0.0, torch.ones(3, dtype=torch.float64)) is None
 
 
-def test_an_hf_step_with_the_dense_solve_is_the_step_of_cg_run_to_convergence():
-    def step(**options):
-        model, closure = _problem("mse", seed=3)
+def test_an_hf_step_with_the_dense_solve_is_the_gauss_newton_step_of_cg_run_to_convergence():
+    """The dense step is the Gauss-Newton one, δ = −(B + εI)⁻¹∇f with ε =
+    GAUSS_NEWTON_DAMPING·mean(diag B), no λ: the step of CG run to convergence on B + εI."""
+    from torch_hf.dense import GAUSS_NEWTON_DAMPING
+
+    def step(**options):  # 80 residuals, 32 parameters: B + εI is well conditioned enough for CG
+        model, closure = _problem("mse", seed=3, cases=40)
         opt = torch_hf.HessianFree(model.parameters(), preconditioner=torch_hf.preconditioners.Identity(),
                                    backtracking_factor=None, line_search_c=None, cg_decay=0.0, **options)
         opt.step(closure)
         return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), opt.last_step
 
+    model, closure = _problem("mse", seed=3, cases=40)
+    eps = GAUSS_NEWTON_DAMPING * float(GGN(list(model.parameters()), closure).dense().diagonal().mean())
     x_dense, d_dense = step(solver="dense")
-    x_cg, d_cg = step(solver="cg", cg_max_iters=500, cg_min_iters=500, cg_tol=0.0)
+    x_cg, d_cg = step(solver="cg", cg_max_iters=2000, cg_min_iters=2000, cg_tol=0.0,
+                      damping=torch_hf.damping.Tikhonov(eps, adapt=None))
     assert d_dense.solver == "dense" and d_cg.solver == "cg"
-    torch.testing.assert_close(x_dense, x_cg, rtol=1e-9, atol=1e-11)
+    # B + εI has a condition number near 1e5 here: CG agrees to about that many digits fewer
+    torch.testing.assert_close(x_dense, x_cg, rtol=1e-7, atol=1e-8)
     assert math.isclose(d_dense.rho, d_cg.rho, rel_tol=1e-7)
+    assert d_dense.damping_next == d_dense.damping  # the line search globalises it, not λ
+
+
+def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+
+    def closure():  # Rosenbrock's residuals from the classic start: full Gauss-Newton steps fail there
+        r = torch.stack([10 * (w[1] - w[0] ** 2), 1 - w[0]])
+        return (r ** 2).sum(), r
+
+    opt = torch_hf.HessianFree([w], solver="dense", line_search_max_evals=1)
+    modes = []
+    for _ in range(15):
+        mode = opt.state[w].get("dense_step", "gauss-newton") if opt.state[w] else "gauss-newton"
+        lam = opt.damping.value
+        opt.step(closure)
+        modes.append((mode, opt.last_step.accepted))
+        if mode == "gauss-newton":
+            assert opt.damping.value == lam  # λ is left alone: the line search globalises the step
+        expected = "levenberg-marquardt" if mode == "gauss-newton" and not opt.last_step.accepted else "gauss-newton"
+        assert opt.state[w]["dense_step"] == expected
+    assert ("gauss-newton", False) in modes and ("levenberg-marquardt", True) in modes
+    assert float(closure()[0].detach()) < 1e-10
 
 
 def test_the_hessian_falls_back_to_cg_where_it_is_indefinite():

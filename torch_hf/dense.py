@@ -20,11 +20,25 @@ from torch import Tensor
 
 from .cg import CGResult
 
-__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "dense_matrix", "dense_solve"]
+__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "dense_matrix", "dense_solve"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
-# (benchmarks/dense_solve.py: 0.49 on a 2-64-1 PINN, 1,020 residuals, CPU).
+# (benchmarks/dense_solve.py, CPU, one thread: 0.27 on the 2-64-1 PINN of 1,020 residuals,
+# 0.32 and 0.12 on regressions of 337 and 1,153 parameters; the Cholesky solve adds 0.2 to
+# 3.7 products). 0.5 leaves room for networks whose forward products cost more.
 DENSE_PRODUCTS_PER_COLUMN = 0.5
+
+
+# The dense step is a Gauss-Newton step, δ = −(B + εI)⁻¹∇f with ε = GAUSS_NEWTON_DAMPING
+# times the mean of diag(B) (a regularisation at the level of rounding, not a damping),
+# globalised by the line search (§8.8) instead of the Levenberg-Marquardt λ: ENGD's step
+# (Dangel et al. 2024, whose λ = 1e-10 is about this ε on their Poisson network). On their
+# 2-D Poisson instance (257 parameters) the Levenberg-Marquardt λ settles at 1e-7 to 1e-6
+# with ρ near ½ and the damped dense step reaches an L2 error of 5.5e-7 in 1,000 s of CPU;
+# the Gauss-Newton step with the line search reaches 6.4e-8 (docs/scientific.md). A step
+# the line search rejects hands the next step to the damped solve with the
+# Levenberg-Marquardt λ, and an accepted damped step hands it back.
+GAUSS_NEWTON_DAMPING = 1e-9
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:
@@ -37,11 +51,11 @@ def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:
 
 def dense_solve(B: Tensor, damping_diagonal: float | Tensor, weight_decay: float | Tensor,
                 grad: Tensor) -> CGResult | None:
-    """δ = −(B + λD + ηI)⁻¹∇f by Cholesky (λD is ``damping_diagonal``), as a
-    :class:`~torch_hf.cg.CGResult` with no iterations, stop reason ``"dense"`` and
-    q(δ) = ½ ∇fᵀδ, the minimum of q(x) = ½ xᵀAx + ∇fᵀx. ``None`` when the matrix is not
-    numerically positive definite (an indefinite Hessian, or λ below B's rounding): the
-    caller then runs CG, which handles negative curvature."""
+    """δ = −(B + λD + ηI)⁻¹∇f by Cholesky (λD is ``damping_diagonal``; ε for a Gauss-Newton
+    step), as a :class:`~torch_hf.cg.CGResult` with no iterations, stop reason ``"dense"``
+    and q(δ) = ½ ∇fᵀδ, the minimum of q(x) = ½ xᵀAx + ∇fᵀx. ``None`` when the matrix is
+    not numerically positive definite (an indefinite Hessian, or λ below B's rounding):
+    the caller then runs CG, which handles negative curvature."""
     A = B.clone()
     A.diagonal().add_(damping_diagonal + weight_decay)
     L, info = torch.linalg.cholesky_ex(A)

@@ -37,7 +37,7 @@ from .curvature import GGN, CurvatureOperator, Hessian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
-from .dense import DENSE_PRODUCTS_PER_COLUMN, dense_matrix, dense_solve
+from .dense import DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, dense_matrix, dense_solve
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -333,9 +333,13 @@ class HessianFree(torch.optim.Optimizer):
                                            **({} if reducer is None else {"reduce": reducer}))
         with _timed(times, "cg"):  # line 4
             result = None
+            gauss_newton = None  # ε of a Gauss-Newton step (torch_hf.dense), when one is taken
             if dense:
-                result = dense_solve(dense_matrix(ev.curvature, reducer), self.damping.diagonal(), decay.diagonal(),
-                                     ev.grad)
+                B = dense_matrix(ev.curvature, reducer)
+                shift = self.damping.diagonal()
+                if state.get("dense_step", "gauss-newton") == "gauss-newton":
+                    gauss_newton = shift = GAUSS_NEWTON_DAMPING * float(B.diagonal().mean().clamp_min(1e-300))
+                result = dense_solve(B, shift, decay.diagonal(), ev.grad)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
                     self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
@@ -354,14 +358,20 @@ class HessianFree(torch.optim.Optimizer):
             backtracking_evaluations = objective.evaluations  # line 5
             if self.damping.needs_base_point:
                 objective.restore()  # the operator's graph saw θ₀
-            model_reduction = q_chosen - self.damping.model_penalty(delta, ev.curvature)
+            if gauss_newton is not None and result.stop_reason == "dense":  # q was damped by ε, not λ
+                model_reduction = q_chosen - 0.5 * gauss_newton * float(torch.dot(delta, delta))
+            else:
+                model_reduction = q_chosen - self.damping.model_penalty(delta, ev.curvature)
             rho, informative = reduction_ratio(model_reduction, f_best, ev.f, ev.resolution)  # line 6
-            if informative:
+            if informative and gauss_newton is None:  # a Gauss-Newton step is globalised by the line search
                 self.damping.update(rho)
             alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, self.line_search,
                                               informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
+        if dense:  # a rejected Gauss-Newton step hands the next step to the damped solve, and back
+            state["dense_step"] = "levenberg-marquardt" if gauss_newton is not None and step_scale == 0 \
+                else "gauss-newton"
         regime.remember(state, ev.f if step_scale == 0.0 else f_new if step_scale == alpha else None)
 
         def judge() -> tuple[str, str]:
