@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .cg import CGResult
 
-__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "dense_matrix", "dense_solve"]
+__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_LINE_SEARCH", "dense_matrix",
+           "dense_solve"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
 # (benchmarks/dense_solve.py, CPU, one thread: 0.27 on the 2-64-1 PINN of 1,020 residuals,
@@ -39,6 +40,10 @@ DENSE_PRODUCTS_PER_COLUMN = 0.5
 # the line search rejects hands the next step to the damped solve with the
 # Levenberg-Marquardt λ, and an accepted damped step hands it back.
 GAUSS_NEWTON_DAMPING = 1e-9
+# The line search of a Gauss-Newton step halves α, down to 2⁻³⁰ (ENGD's grid reaches as
+# far): on that instance the full step overshoots with ρ near −1500, and the default
+# search (×0.8, 20 tries, α ≥ 0.012) rejects it where α ≈ 1e-3 would pass.
+GAUSS_NEWTON_LINE_SEARCH = (0.5, 30)  # (β, most evaluations)
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:

@@ -37,7 +37,7 @@ from .curvature import GGN, CurvatureOperator, Hessian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
-from .dense import DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, dense_matrix, dense_solve
+from .dense import DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_LINE_SEARCH, dense_matrix, dense_solve
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -365,8 +365,11 @@ class HessianFree(torch.optim.Optimizer):
             rho, informative = reduction_ratio(model_reduction, f_best, ev.f, ev.resolution)  # line 6
             if informative and gauss_newton is None:  # a Gauss-Newton step is globalised by the line search
                 self.damping.update(rho)
-            alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, self.line_search,
-                                              informative)  # line 7
+            search = self.line_search
+            if gauss_newton is not None and search.c is not None:  # its length may be off by decades
+                search = dataclasses.replace(search, beta=GAUSS_NEWTON_LINE_SEARCH[0],
+                                             max_evals=max(search.max_evals, GAUSS_NEWTON_LINE_SEARCH[1]))
+            alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, search, informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
         if dense:  # a rejected Gauss-Newton step hands the next step to the damped solve, and back
