@@ -106,7 +106,8 @@ def test_an_hf_step_with_the_dense_solve_is_the_gauss_newton_step_of_cg_run_to_c
     assert d_dense.damping_next == d_dense.damping  # the line search globalises it, not λ
 
 
-def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve():
+def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve(monkeypatch):
+    monkeypatch.setattr(torch_hf.optimizer, "GAUSS_NEWTON_LINE_SEARCH", (0.5, 1))  # one try: rejections happen
     w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
 
     def closure():  # Rosenbrock's residuals from the classic start: full Gauss-Newton steps fail there
