@@ -348,6 +348,9 @@ def _train(cfg: dict, progress: bool) -> dict:
 def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.Module, evals: list[int]) -> dict:
     """One update of optimizer ``name`` on the full batch; the fields it adds to the next
     evaluation row (HF's ρ, λ and CG iterations)."""
+    if hasattr(problem, "advance"):  # a problem that draws fresh points every few steps
+        problem.advance()
+
     def closure():
         evals[0] += 1
         if name in ("hf", "engd"):

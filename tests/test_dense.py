@@ -9,6 +9,7 @@ from torch import nn
 import torch_hf
 from torch_hf.cg import cg
 from torch_hf.curvature import GGN, Hessian
+from torch_hf import regime
 from torch_hf.dense import dense_matrix, dense_solve
 
 
@@ -151,7 +152,7 @@ def test_auto_switches_to_the_dense_solve_on_a_small_deterministic_problem_once_
         opt.step(closure)
         solvers.append(opt.last_step.solver)
     first = solvers.index("dense")
-    assert first >= 2  # not before the objective is confirmed deterministic
+    assert first >= regime.CONFIRMATIONS  # not before the objective is confirmed deterministic
     cg_products = [d.curvature_products for d in opt.history[:first]]
     assert cg_products[-1] >= 0.5 * n  # the switch happened because CG cost more than n/2 products
     assert all(s == "dense" for s in solvers[first:])

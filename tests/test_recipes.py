@@ -752,3 +752,21 @@ def test_the_benchmark_table_sets_each_run_against_the_published_figures(tmp_pat
                      "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert "Dangel et al. (2024)" in out and "| poisson2d_257 (257) | hf |" in out and "ENGD 6.2e-08" in out
+
+
+def test_a_problem_that_resamples_its_points_is_trained_on_fresh_points_and_seen_as_stochastic(tmp_path):
+    """The heat benchmark draws new points every step (their HF run's batch_frequency 1): the
+    recipe advances the problem before each update, and HF's measured regime is stochastic."""
+    from recipes import pinns, scientific
+
+    small = lambda: pinns.DangelHeat("mlp-tanh-64", n_interior=60, n_boundary=20)  # noqa: E731
+    scientific.PROBLEMS["heat_small"] = small
+    scientific.SCORE["heat_small"] = scientific.TITLES["heat_small"] = "L2 error (RMS)"
+    try:
+        result = scientific.run({"problem": "heat_small", "optimizer": "hf", "max_iters": 4, "time_budget": 0,
+                                 "eval_every": None}, progress=False)
+    finally:
+        for table in (scientific.PROBLEMS, scientific.SCORE, scientific.TITLES):
+            table.pop("heat_small")
+    regimes = [row.get("regime") for row in result["history"][1:]]
+    assert regimes[-1] == "stochastic", regimes

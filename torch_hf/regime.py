@@ -17,8 +17,10 @@ import math
 
 __all__ = ["CONFIRMATIONS", "observe", "remember", "deterministic", "describe"]
 
-# Repeats of f at the same θ before the objective is called deterministic.
-CONFIRMATIONS = 2
+# Repeats of f at the same θ before the objective is called deterministic: one is enough
+# (on minibatches f repeating to rounding at a new θ is as good as impossible), so only the
+# first step is taken before the regime is known.
+CONFIRMATIONS = 1
 
 
 def observe(state: dict, f: float, resolution: float) -> None:
