@@ -83,48 +83,51 @@ def test_an_indefinite_matrix_is_left_to_cg():
     assert dense_solve(B, 0.1, 0.0, torch.ones(3, dtype=torch.float64)) is None
 
 
-def test_an_hf_dense_step_is_the_step_of_cg_run_to_convergence_on_its_system():
-    """The dense step offers the damped step −(B + λI)⁻¹∇f and the Gauss-Newton step
-    −(B + εI)⁻¹∇f, ε = GAUSS_NEWTON_DAMPING·mean(diag B), and takes the one that ends lower:
-    each is the step of CG run to convergence on its own system."""
+def test_an_hf_step_with_the_dense_solve_is_the_gauss_newton_step_of_cg_run_to_convergence():
+    """The dense step is the Gauss-Newton one, δ = −(B + εI)⁻¹∇f with ε =
+    GAUSS_NEWTON_DAMPING·mean(diag B), no λ: the step of CG run to convergence on B + εI."""
     from torch_hf.dense import GAUSS_NEWTON_DAMPING
 
     def step(**options):  # 80 residuals, 32 parameters: B + εI is well conditioned enough for CG
         model, closure = _problem("mse", seed=3, cases=40)
         opt = torch_hf.HessianFree(model.parameters(), preconditioner=torch_hf.preconditioners.Identity(),
-                                   cg_decay=0.0, **options)
+                                   backtracking_factor=None, line_search_c=None, cg_decay=0.0, **options)
         opt.step(closure)
-        return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), opt.last_step, closure
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), opt.last_step
 
     model, closure = _problem("mse", seed=3, cases=40)
     eps = GAUSS_NEWTON_DAMPING * float(GGN(list(model.parameters()), closure).dense().diagonal().mean())
-    x_dense, d_dense, c_dense = step(solver="dense")
-    runs = {}
-    for k, lam in ((0, 1.0), (1, eps)):
-        runs[k] = step(solver="cg", cg_max_iters=2000, cg_min_iters=2000, cg_tol=0.0, backtracking_factor=None,
-                       damping=torch_hf.damping.Tikhonov(lam, adapt=None))
-    assert d_dense.solver == "dense"
-    x_cg, d_cg, c_cg = runs[d_dense.chosen_iteration]
+    x_dense, d_dense = step(solver="dense")
+    x_cg, d_cg = step(solver="cg", cg_max_iters=2000, cg_min_iters=2000, cg_tol=0.0,
+                      damping=torch_hf.damping.Tikhonov(eps, adapt=None))
+    assert d_dense.solver == "dense" and d_cg.solver == "cg"
     # B + εI has a condition number near 1e5 here: CG agrees to about that many digits fewer
     torch.testing.assert_close(x_dense, x_cg, rtol=1e-7, atol=1e-8)
-    other = runs[1 - d_dense.chosen_iteration][2]
-    assert float(c_dense()[0].detach()) <= float(other()[0].detach()) + 1e-12  # the lower of the two
+    assert math.isclose(d_dense.rho, d_cg.rho, rel_tol=1e-7)
+    assert d_dense.damping_next == d_dense.damping  # the line search globalises it, not λ
 
 
-def test_the_dense_step_takes_whichever_of_the_two_ends_lower():
+def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve(monkeypatch):
+    monkeypatch.setattr(torch_hf.optimizer, "GAUSS_NEWTON_LINE_SEARCH", (0.5, 1))  # one try: rejections happen
     w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
 
-    def closure():  # Rosenbrock's residuals from the classic start: the Gauss-Newton step overshoots there
+    def closure():  # Rosenbrock's residuals from the classic start: full Gauss-Newton steps fail there
         r = torch.stack([10 * (w[1] - w[0] ** 2), 1 - w[0]])
         return (r ** 2).sum(), r
 
-    opt = torch_hf.HessianFree([w], solver="dense")
-    chosen = []
-    for _ in range(20):
+    opt = torch_hf.HessianFree([w], solver="dense", line_search_max_evals=1)
+    modes = []
+    for _ in range(15):
+        mode = opt.state[w].get("dense_step", "gauss-newton") if opt.state[w] else "gauss-newton"
+        lam = opt.damping.value
         opt.step(closure)
-        chosen.append(opt.last_step.chosen_iteration)
-    assert set(chosen) == {0, 1}, chosen  # the damped step some times, the Gauss-Newton step others
-    assert float(closure()[0].detach()) < 1e-20
+        modes.append((mode, opt.last_step.accepted))
+        if mode == "gauss-newton":
+            assert opt.damping.value == lam  # λ is left alone: the line search globalises the step
+        expected = "levenberg-marquardt" if mode == "gauss-newton" and not opt.last_step.accepted else "gauss-newton"
+        assert opt.state[w]["dense_step"] == expected
+    assert ("gauss-newton", False) in modes and ("levenberg-marquardt", True) in modes
+    assert float(closure()[0].detach()) < 1e-10
 
 
 def test_the_hessian_falls_back_to_cg_where_it_is_indefinite():

@@ -1,6 +1,6 @@
 """The exact solve of the damped Gauss-Newton system for small models (ENGD's regime):
 δ = −(B + λD + ηI)⁻¹ ∇f by a Cholesky factorisation of the dense matrix, in place of
-truncated CG (Alg. 2), with ENGD's Gauss-Newton step offered beside it.
+truncated CG (Alg. 2); on a full-batch problem, ENGD's Gauss-Newton step.
 
 CG needs up to n products to solve an n-parameter system and stops early; the dense
 matrix costs about 0.5 products per column (:meth:`torch_hf.GGN.dense`: the columns of
@@ -30,19 +30,25 @@ __all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_LI
 DENSE_PRODUCTS_PER_COLUMN = 0.5
 
 
-# Beside the damped step −(B + λD + ηI)⁻¹∇f, the dense solve offers the Gauss-Newton step
-# −(B + εI + ηI)⁻¹∇f, ε = GAUSS_NEWTON_DAMPING times the mean of diag(B) (a regularisation
-# at the level of rounding, not a damping): ENGD's step (Dangel et al. 2024, whose
-# λ = 1e-10 is about this ε on their Poisson network). Each gets its line search (§8.8), and
-# the step taken is the one that ends lower; λ adapts from the damped step's ρ as always.
-# On their 2-D Poisson instance (257 parameters) the Levenberg-Marquardt λ settles at
-# 1e-7 to 1e-6 with ρ near ½ and the damped step alone stalls at an L2 error of 5e-7, while
-# the Gauss-Newton step, with full steps overshooting at ρ ≈ −200 to −1,500, goes on to
-# 6e-8 once its length is searched over decades (docs/scientific.md).
+# The dense step is a Gauss-Newton step, δ = −(B + εI)⁻¹∇f with ε = GAUSS_NEWTON_DAMPING
+# times the mean of diag(B) (a regularisation at the level of rounding, not a damping),
+# globalised by the line search (§8.8) instead of the Levenberg-Marquardt λ: ENGD's step
+# (Dangel et al. 2024, whose λ = 1e-10 is about this ε on their Poisson network). On their
+# 2-D Poisson instance (257 parameters) the Levenberg-Marquardt λ settles at 1e-7 to 1e-6
+# with ρ near ½ and the damped dense step reaches an L2 error of 5.5e-7 in 1,000 s of CPU;
+# the Gauss-Newton step with the line search reaches 6.4e-8 (docs/scientific.md). A step
+# the line search rejects hands the next step to the damped solve with the
+# Levenberg-Marquardt λ, and an accepted damped step hands it back.
 GAUSS_NEWTON_DAMPING = 1e-9
-# The Gauss-Newton step's line search halves α, down to 2⁻³⁰ (ENGD's grid reaches as far):
-# the default search (×0.8, 20 tries, α ≥ 0.012) rejects steps that α ≈ 1e-3 would pass.
+# The line search of a Gauss-Newton step halves α, down to 2⁻³⁰ (ENGD's grid reaches as
+# far): on that instance the full step overshoots with ρ near −1500, and the default
+# search (×0.8, 20 tries, α ≥ 0.012) rejects it where α ≈ 1e-3 would pass.
 GAUSS_NEWTON_LINE_SEARCH = (0.5, 30)  # (β, most evaluations)
+# Two variants measured worse and left out (docs/scientific.md): offering the damped and the
+# Gauss-Newton step side by side and taking the lower (the run stays on damped steps: 17×
+# behind at 120 s on a small reaction-diffusion PINN), or the Gauss-Newton step when it
+# makes a quarter of the damped step's decrease (7× behind on the 257-parameter Poisson
+# instance, 17× on that reaction-diffusion PINN, at 120 s).
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:

@@ -113,11 +113,11 @@ class HessianFree(torch.optim.Optimizer):
             curvature uses the gradient batch or ``step``'s ``curvature_closure``.
         history_size: how many steps' :class:`StepDiagnostics` :attr:`history` keeps
             (``None``: all); :attr:`last_step` is always kept.
-        solver: how δ is computed. ``"cg"``: truncated PCG (Alg. 2). ``"dense"``: the
-            damped system solved exactly by Cholesky on the dense curvature matrix, and
-            ENGD's Gauss-Newton step (ε ≈ 0 in place of λ, its length searched by halving)
-            offered beside it, the one ending lower taken (:mod:`torch_hf.dense`; small
-            models only); CG where the matrix is not positive definite. ``"auto"`` (default): dense on a deterministic objective
+        solver: how δ is computed. ``"cg"``: truncated PCG (Alg. 2). ``"dense"``: by
+            Cholesky on the dense curvature matrix (:mod:`torch_hf.dense`; small models
+            only): ENGD's Gauss-Newton step (ε ≈ 0 in place of λ, its length searched by
+            halving), the damped system after a step the line search rejects; CG where
+            the matrix is not positive definite. ``"auto"`` (default): dense on a deterministic objective
             (:mod:`torch_hf.regime`) with at most ``dense_max_params`` parameters once CG
             spends more products than the dense matrix costs (about ``n/2`` products for
             n parameters), and CG otherwise. The dense solve needs a diagonal damping.
@@ -334,13 +334,13 @@ class HessianFree(torch.optim.Optimizer):
                                            **({} if reducer is None else {"reduce": reducer}))
         with _timed(times, "cg"):  # line 4
             result = None
-            gauss_newton = None  # the Gauss-Newton step (torch_hf.dense), offered beside the damped one
+            gauss_newton = None  # ε of a Gauss-Newton step (torch_hf.dense), when one is taken
             if dense:
                 B = dense_matrix(ev.curvature, reducer)
-                result = dense_solve(B, self.damping.diagonal(), decay.diagonal(), ev.grad)
-                if result is not None:
-                    eps = GAUSS_NEWTON_DAMPING * float(B.diagonal().mean().clamp_min(1e-300))
-                    gauss_newton = dense_solve(B, eps, decay.diagonal(), ev.grad)
+                shift = self.damping.diagonal()
+                if state.get("dense_step", "gauss-newton") == "gauss-newton":
+                    gauss_newton = shift = GAUSS_NEWTON_DAMPING * float(B.diagonal().mean().clamp_min(1e-300))
+                result = dense_solve(B, shift, decay.diagonal(), ev.grad)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
                     self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
@@ -359,24 +359,23 @@ class HessianFree(torch.optim.Optimizer):
             backtracking_evaluations = objective.evaluations  # line 5
             if self.damping.needs_base_point:
                 objective.restore()  # the operator's graph saw θ₀
-            model_reduction = q_chosen - self.damping.model_penalty(delta, ev.curvature)
+            if gauss_newton is not None and result.stop_reason == "dense":  # q was damped by ε, not λ
+                model_reduction = q_chosen - 0.5 * gauss_newton * float(torch.dot(delta, delta))
+            else:
+                model_reduction = q_chosen - self.damping.model_penalty(delta, ev.curvature)
             rho, informative = reduction_ratio(model_reduction, f_best, ev.f, ev.resolution)  # line 6
-            if informative:
+            if informative and gauss_newton is None:  # a Gauss-Newton step is globalised by the line search
                 self.damping.update(rho)
-            alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, self.line_search,
-                                              informative)  # line 7
-            if gauss_newton is not None:
-                # ENGD's step beside the damped one: the Gauss-Newton direction, its length found by
-                # halving (it may be off by decades), taken where it ends lower (torch_hf.dense).
-                search = self.line_search if self.line_search.c is None else dataclasses.replace(
-                    self.line_search, beta=GAUSS_NEWTON_LINE_SEARCH[0],
-                    max_evals=max(self.line_search.max_evals, GAUSS_NEWTON_LINE_SEARCH[1]))
-                step = gauss_newton.x
-                a_gn, f_gn, s_gn = line_search(objective, ev.grad, step, objective.at(step), ev.f, search, informative)
-                if a_gn > 0 and f_gn < (f_new if alpha > 0 else ev.f):
-                    chosen, delta, alpha, f_new, slope, result = 1, step, a_gn, f_gn, s_gn, gauss_newton
+            search = self.line_search
+            if gauss_newton is not None and search.c is not None:  # its length may be off by decades
+                search = dataclasses.replace(search, beta=GAUSS_NEWTON_LINE_SEARCH[0],
+                                             max_evals=max(search.max_evals, GAUSS_NEWTON_LINE_SEARCH[1]))
+            alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, search, informative)  # line 7
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
+        if dense:  # a rejected Gauss-Newton step hands the next step to the damped solve, and back
+            state["dense_step"] = "levenberg-marquardt" if gauss_newton is not None and step_scale == 0 \
+                else "gauss-newton"
         regime.remember(state, ev.f if step_scale == 0.0 else f_new if step_scale == alpha else None)
 
         def judge() -> tuple[str, str]:
