@@ -770,3 +770,15 @@ def test_a_problem_that_resamples_its_points_is_trained_on_fresh_points_and_seen
             table.pop("heat_small")
     regimes = [row.get("regime") for row in result["history"][1:]]
     assert regimes[-1] == "stochastic", regimes
+
+
+def test_the_engd_baseline_and_the_solver_option_run_and_say_what_they_solved(tmp_path):
+    from recipes import scientific
+
+    engd, = scientific.main(["--problem", "poisson2d_257", "--optimizer", "engd", "--max-iters", "3",
+                             "--time-budget", "0", "--out", str(tmp_path), "--no-progress"])
+    assert engd["history"][-1]["solver"] == "dense" and engd["history"][-1]["damping"] == 1e-10
+    cg, = scientific.main(["--problem", "poisson2d_257", "--optimizer", "hf", "--solver", "cg", "--max-iters", "3",
+                           "--time-budget", "0", "--out", str(tmp_path), "--no-progress"])
+    assert cg["history"][-1]["solver"] == "cg" and cg["config"]["solver"] == "cg"
+    assert (tmp_path / "scientific_poisson2d_257_hf_cg.json").exists()

@@ -16,4 +16,5 @@ from .optimizer import HessianFree, StepDiagnostics
 
 __version__ = "0.1.0"
 __all__ = ["GGN", "Hessian", "HessianFree", "StepDiagnostics", "ClosureError", "NonFiniteLossError",
-           "cg", "damping", "dense", "distributed", "lanczos", "losses", "residuals", "nn", "preconditioners", "regime", "testing"]
+           "cg", "damping", "dense", "distributed", "lanczos", "losses", "residuals", "nn", "preconditioners",
+           "regime", "testing"]

@@ -117,10 +117,11 @@ class HessianFree(torch.optim.Optimizer):
             Cholesky on the dense curvature matrix (:mod:`torch_hf.dense`; small models
             only): ENGD's Gauss-Newton step (ε ≈ 0 in place of λ, its length searched by
             halving), the damped system after a step the line search rejects; CG where
-            the matrix is not positive definite. ``"auto"`` (default): dense on a deterministic objective
-            (:mod:`torch_hf.regime`) with at most ``dense_max_params`` parameters once CG
-            spends more products than the dense matrix costs (about ``n/2`` products for
-            n parameters), and CG otherwise. The dense solve needs a diagonal damping.
+            the matrix is not positive definite. ``"auto"`` (default): dense on a
+            deterministic objective (:mod:`torch_hf.regime`) with at most
+            ``dense_max_params`` parameters once CG spends more products than the dense
+            matrix costs (about ``n/2`` products for n parameters), and CG otherwise. The
+            dense solve needs a diagonal damping.
         dense_max_params: the most parameters ``solver="auto"`` solves densely (4096: the
             n³/3-flop factorisation and the n² matrix stay below about a second and
             128 MiB in float64).
@@ -330,8 +331,7 @@ class HessianFree(torch.optim.Optimizer):
             lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer, not dense)
             if dense and A.shift is None:  # structural damping: not a diagonal shift
                 dense = False
-                self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
-                                           **({} if reducer is None else {"reduce": reducer}))
+                self._update_preconditioner(ev, decay, reducer)
         with _timed(times, "cg"):  # line 4
             result = None
             gauss_newton = None  # ε of a Gauss-Newton step (torch_hf.dense), when one is taken
@@ -343,8 +343,7 @@ class HessianFree(torch.optim.Optimizer):
                 result = dense_solve(B, shift, decay.diagonal(), ev.grad)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
-                    self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
-                                               **({} if reducer is None else {"reduce": reducer}))
+                    self._update_preconditioner(ev, decay, reducer)
             if result is None:
                 overhead = overhead_iterations(ev.batch_ratio, ev.separate_gradient,
                                                not isinstance(self.preconditioner, Identity),
@@ -388,8 +387,10 @@ class HessianFree(torch.optim.Optimizer):
         self.last_step = StepDiagnostics(
             step=state["step"], loss_before=ev.f, loss_after=f_new if step_scale == alpha else math.nan, rho=rho,
             damping=lam, damping_next=self.damping.value, cg_iterations=result.iterations,
-            cg_stop_reason=result.stop_reason, cg_stop=cg_stop, solver="dense" if result.stop_reason == "dense"
-            else "cg", regime="deterministic" if deterministic else regime.describe(state), chosen_iteration=chosen, line_search_alpha=alpha,
+            cg_stop_reason=result.stop_reason, cg_stop=cg_stop,
+            solver="dense" if result.stop_reason == "dense" else "cg",
+            regime="deterministic" if deterministic else regime.describe(state),
+            chosen_iteration=chosen, line_search_alpha=alpha,
             predicted_reduction=model_reduction, rho_informative=informative, converged=stall == "converged",
             stall=stall, directional_derivative=slope, curvature_products=A.products,
             objective_evaluations=objective.evaluations, backtracking_evaluations=backtracking_evaluations,
@@ -425,13 +426,17 @@ class HessianFree(torch.optim.Optimizer):
                        reducer: Reducer | None, precondition: bool = True) -> DampedOperator:
         """Line 3: this step's damping λD (§8) and preconditioner P (§11; not needed by a
         dense solve), and the damped operator A = B + λD + ηI."""
-        # `reduce` only under data parallelism: custom preconditioners need not accept it. The
-        # Reducer itself is the callable (its rank and size shard the random estimators' probes).
-        reduce_kwargs = {} if reducer is None else {"reduce": reducer}
-        self.damping.prepare(DampingContext(curvature=ev.curvature, **reduce_kwargs))
+        # `reduce` only under data parallelism: custom parts need not accept it. The Reducer
+        # itself is the callable (its rank and size shard the random estimators' probes).
+        self.damping.prepare(DampingContext(curvature=ev.curvature, **({} if reducer is None else {"reduce": reducer})))
         if precondition:
-            self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(), **reduce_kwargs)
+            self._update_preconditioner(ev, decay, reducer)
         return DampedOperator(ev.curvature, self.damping, decay, reducer)
+
+    def _update_preconditioner(self, ev: Evaluation, decay: WeightDecay, reducer: Reducer | None) -> None:
+        """P for this step (§11), from B, λD and η (``reduce`` passed only under data parallelism)."""
+        self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
+                                   **({} if reducer is None else {"reduce": reducer}))
 
     def _use_dense(self, params: list[Tensor], deterministic: bool, state: dict) -> bool:
         """Whether line 4 solves the damped system exactly (:mod:`torch_hf.dense`): always

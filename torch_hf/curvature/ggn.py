@@ -214,28 +214,18 @@ class GGN(CurvatureOperator):
 
     def mm(self, V: Tensor) -> Tensor:
         """G V for a (numel × k) block: J V, L''(J V) and Jᵀ(·) each as one batched pass
-        (``is_grads_batched``) through the cached graph, so k columns cost far less than k
-        products (the dense Gauss-Newton solve builds G this way). Falls back to one
-        product per column where a batched pass is not available (recompute, extras, an
-        op without a batching rule)."""
+        (``is_grads_batched``) through the cached graph on an accelerator. On CPU, and where
+        a batched pass is not available (recompute, extras, an op without a batching rule),
+        one product per column: there the loop is the faster (a PINN's 257 columns: 0.49 s
+        against 0.69 s batched)."""
         if V.dim() != 2 or V.shape[0] != self.numel:
             raise ValueError(f"V must be a ({self.numel} x k) matrix, got {tuple(V.shape)}")
         if self.recompute or self.extras or V.device.type == "cpu":
-            # On CPU the batched pass is slower than a loop (PINN, 257 columns: 0.69 s against 0.49 s).
             return super().mm(V)
-        k, parts = V.shape[1], _flat.unflatten_columns(V, self.params)
+        k = V.shape[1]
         try:
+            w = self._loss_hvp_columns(self._jv_columns(V))
             with torch.enable_grad():
-                jv = torch.autograd.grad([g for _, g in self._jt_u_live], self._u,
-                                         [parts[i] for i, _ in self._jt_u_live], retain_graph=True,
-                                         allow_unused=True, is_grads_batched=True)
-                jv = tuple(o.new_zeros((k, *o.shape)) if t is None else t for o, t in zip(self.outputs, jv))
-                if self._user_loss_hvp is None and self.matching_loss is None:
-                    w = torch.autograd.grad(self._grad_z, self.outputs, jv, retain_graph=True, allow_unused=True,
-                                            is_grads_batched=True)
-                    w = tuple(torch.zeros_like(u) if t is None else t for u, t in zip(jv, w))
-                else:
-                    w = torch.func.vmap(lambda *u: tuple(self.loss_hvp(u)))(*jv)
                 g = torch.autograd.grad(self.outputs, self.params, w, retain_graph=True, allow_unused=True,
                                         is_grads_batched=True)
         except RuntimeError:
@@ -244,8 +234,9 @@ class GGN(CurvatureOperator):
 
     def dense(self, chunk: int = 64) -> Tensor:
         """G = (J V)ᵀ L'' (J V) with V = I: the columns of J by forward products only (no
-        Jᵀ pass), batched on accelerators, then one matrix product; about 0.55 products
-        per column on CPU (a 2-64-1 PINN on 1,020 residuals). With extras, column by column."""
+        Jᵀ pass), batched on accelerators, then one matrix product; 0.1 to 0.3 products
+        per column on CPU (``benchmarks/dense_solve.py``). With extras, column by column.
+        """
         if self.extras:
             return super().dense(chunk)
         n = self.numel
@@ -278,12 +269,17 @@ class GGN(CurvatureOperator):
         return tuple(torch.stack([c[j] for c in cols]) for j in range(len(self.outputs)))
 
     def _loss_hvp_columns(self, jv: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """L'' applied to each of k batched output directions."""
-        if self.matching_loss is not None or self._user_loss_hvp is not None:
-            try:
+        """L'' applied to each of k batched output directions: vmapped for a closed form,
+        one batched double backward otherwise, a loop where neither is available."""
+        try:
+            if self.matching_loss is not None or self._user_loss_hvp is not None:
                 return tuple(torch.func.vmap(lambda *u: tuple(self.loss_hvp(u)))(*jv))
-            except RuntimeError:
-                pass
+            with torch.enable_grad():
+                w = torch.autograd.grad(self._grad_z, self.outputs, jv, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+            return tuple(torch.zeros_like(u) if t is None else t for u, t in zip(jv, w))
+        except RuntimeError:
+            pass
         k = jv[0].shape[0]
         cols = [self.loss_hvp(tuple(t[i] for t in jv)) for i in range(k)]
         return tuple(torch.stack([c[j] for c in cols]) for j in range(len(self.outputs)))
