@@ -156,9 +156,16 @@ CASES: dict[str, Callable] = {"defaults": _defaults, "kfac": _kfac, "hessian": _
                               "auto_minibatch": _auto_minibatch}
 
 
-def trajectory(name: str, steps: int = STEPS) -> dict:
-    """Parameters (flat) and diagnostics after each of ``steps`` steps of case ``name``."""
+def trajectory(name: str, steps: int = STEPS, nudge: float = 0.0) -> dict:
+    """Parameters (flat) and diagnostics after each of ``steps`` steps of case ``name``;
+    with ``nudge``, the initial parameters are first scaled by 1 + nudge·N(0, 1) (fixed
+    draws): a perturbation the size of another CPU's rounding."""
     model, opt, closure, curvature_closure = CASES[name]()
+    if nudge:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + nudge * torch.randn(p.shape, generator=g, dtype=p.dtype))
     params, diagnostics = [], []
     for _ in range(steps):
         opt.step(closure, curvature_closure)

@@ -53,8 +53,8 @@ def make(name: str, dtype=torch.float64, device="cpu", seed=0):
     torch.manual_seed(seed)
     B, T = 3, 4
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype)
+    def rand(*shape):  # drawn in float64 whatever the dtype: the float32 CUDA copy sees the same data
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
     def labels(*shape, n):
         return torch.randint(0, n, shape, generator=g)

@@ -711,7 +711,7 @@ def test_rate_termination_stops_cg_early_and_still_trains():
     assert losses[-1] < losses[0]
 
 
-def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_bit_for_bit():
+def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_as_it_did():
     """tests/data/checkpoint_0.1.0.pt was written by the optimizer before its state_dict got a
     version key (ScaleSensitive damping, GGN diagonal with decay, weight decay, own generator)."""
     import sys
@@ -727,10 +727,13 @@ def test_a_checkpoint_saved_by_torch_hf_0_1_0_loads_and_continues_bit_for_bit():
                       preconditioner=GGNDiagonal(decay=0.9), weight_decay=1e-4, cg_max_iters=30,
                       generator=torch.Generator().manual_seed(999), cg_stop="rate", solver="cg")  # 0.1.0's rules
     opt.load_state_dict(saved["optimizer"])
+    # Bit for bit on the kind of CPU that recorded it; 1e-9 leaves room for another CPU's
+    # rounding (this well-conditioned case keeps a 1e-15 nudge below 1e-13, tests/test_golden.py).
     for expected in saved["continuation"]:
         opt.step(closure)
-        assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), expected)
-    assert opt.damping.value == saved["damping_value"]
+        got = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        assert float((got - expected).abs().max()) <= 1e-9
+    assert opt.damping.value == pytest.approx(saved["damping_value"], rel=1e-9)
 
 
 def test_one_closure_with_curvature_batch_takes_the_two_closure_step():

@@ -34,6 +34,7 @@ from ._denormals import _denormals_flushed, _flushing_denormals  # noqa: F401 - 
 from .checkpoint import STATE_VERSION, load_own_state, own_state, split_state_dict  # noqa: F401
 from .config import GROUP_KEYS, CGConfig, LineSearchConfig, check_options, check_parts
 from .curvature import GGN, CurvatureOperator, Hessian
+from .curvature.capture import CapturedProduct
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
@@ -125,6 +126,15 @@ class HessianFree(torch.optim.Optimizer):
         dense_max_params: the most parameters ``solver="auto"`` solves densely (4096: the
             n³/3-flop factorisation and the n² matrix stay below about a second and
             128 MiB in float64).
+        cuda_graphs: replay the curvature products of a step from a CUDA graph
+            (:mod:`torch_hf.curvature.capture`): the first product runs as usual, the
+            second is captured, the rest replay it, with the same result; the step then
+            runs on a side stream of the parameters' device. ``None`` (default): on when
+            the parameters are on a CUDA device, with ``curvature`` ``"ggn"`` or
+            ``"hessian"`` and neither ``recompute`` nor ``offload_activations`` (whose
+            products run the closure or copy from the host). ``False``: never. A product
+            that cannot be captured runs uncaptured, said once in the log, and later steps
+            no longer capture.
         flush_denormal: on CPU, treat subnormal floats as zero while the step runs and
             restore the caller's mode afterwards: x86 handles them in slow microcode (a
             CURVES gradient: 111 ms with them, 12 ms without, ``benchmarks/subnormals.py``).
@@ -172,6 +182,7 @@ class HessianFree(torch.optim.Optimizer):
         flush_denormal: bool = True,
         solver: str = "auto",
         dense_max_params: int = 4096,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if curvature not in ("ggn", "hessian") and not (isinstance(curvature, type)
                                                        and issubclass(curvature, CurvatureOperator)):
@@ -182,6 +193,12 @@ class HessianFree(torch.optim.Optimizer):
         check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
                       curvature_batch, solver, dense_max_params)
         self.solver, self.dense_max_params = solver, dense_max_params
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self.last_capture: CapturedProduct | None = None  # the last step's captured product, if any
+        self._stream = None  # the side stream a capturing step runs on (created on first use)
+        self._capture_failure: str | None = None  # why a capture failed: no step captures after it
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.curvature, self.loss_hvp, self.process_group = curvature, loss_hvp, process_group
         self.damping = Tikhonov(1.0) if damping is None else damping
@@ -306,9 +323,36 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError("curvature_closure must be callable or None")
         if curvature_closure is None and self.curvature_batch is not None:
             curvature_closure = first_cases(closure, self.curvature_batch)
-        flush = self.flush_denormal and self._params()[0].device.type == "cpu"
-        with _denormals_flushed(flush):
-            return self._step(self._autocast(closure), self._autocast(curvature_closure))
+        device = self._params()[0].device
+        flush = self.flush_denormal and device.type == "cpu"
+        stream = self._capture_stream(device)
+        if stream is None:
+            with _denormals_flushed(flush):
+                return self._step(self._autocast(closure), self._autocast(curvature_closure))
+        # Capture needs the forward pass and the products on one side stream
+        # (torch_hf.curvature.capture); the caller's stream and this one wait for each other.
+        caller = torch.cuda.current_stream(device)
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                loss = self._step(self._autocast(closure), self._autocast(curvature_closure))
+        finally:
+            caller.wait_stream(stream)
+            if self.last_capture is not None:
+                self.last_capture.release()
+                if self.last_capture.failure is not None:  # the same closure fails the same way: stop trying
+                    self._capture_failure = self.last_capture.failure
+        loss.record_stream(caller)
+        return loss
+
+    def _capture_stream(self, device: torch.device):
+        """The side stream of a step whose products are captured, or ``None``."""
+        if self.cuda_graphs is False or device.type != "cuda" or self.recompute or self.offload_activations \
+                or self.curvature not in ("ggn", "hessian") or self._capture_failure is not None:
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     def _step(self, closure: Callable, curvature_closure: Callable | None) -> Tensor:
         """Algorithm 3, one phase per line; ``times`` records each phase's wall time."""
@@ -420,6 +464,8 @@ class HessianFree(torch.optim.Optimizer):
             op = op_cls(self._params(), self.damping.augment_closure(closure), safe_kernels=self._safe_kernels,
                         **kwargs)
         self._safe_kernels = op.safe_kernels
+        if self._stream is not None and torch.cuda.current_stream(op.grad.device) == self._stream:
+            op.mv = self.last_capture = CapturedProduct(op.mv, self._stream)
         return op
 
     def _damped_system(self, ev: Evaluation, params: list[Tensor], decay: WeightDecay,

@@ -32,7 +32,8 @@ contract), :mod:`~torch_hf.curvature.kernels` (the kernel fallback),
 :mod:`~torch_hf.curvature.graph` (the one graph walk, the contract checks and layer
 discovery), :mod:`~torch_hf.curvature.base` (:class:`CurvatureOperator`),
 :mod:`~torch_hf.curvature.ggn`, :mod:`~torch_hf.curvature.hessian`, and
-:mod:`~torch_hf.curvature.layers` (per-layer statistics for the preconditioners).
+:mod:`~torch_hf.curvature.layers` (per-layer statistics for the preconditioners), and
+:mod:`~torch_hf.curvature.capture` (products replayed from a CUDA graph).
 """
 from .base import CurvatureOperator
 from .closure import ClosureError, NonFiniteLossError, evaluate_closure

@@ -91,10 +91,11 @@ def linear_layers(outputs: tuple[Tensor, ...], params: list[Tensor], batch: int)
     """The linear layers (``addmm``/``mm`` nodes) whose weight (and bias) are used only there
     and whose input rows are the cases: ``[(node, input, weight_index, bias_index or None)]``."""
     index = {id(p): i for i, p in enumerate(params)}
+    # Every node wrapper is held before the edges are counted: PyTorch may hand out a new
+    # wrapper (and a recycled id) for a node whose last wrapper died (seen on torch 2.11).
+    nodes = list(walk(node_of(o) for o in outputs))
     uses: dict[int, int] = {}  # how many edges point at each node: a parameter used twice is not per-case
-    nodes = []
-    for node in walk(node_of(o) for o in outputs):
-        nodes.append(node)
+    for node in nodes:
         for child in children(node):
             uses[id(child)] = uses.get(id(child), 0) + 1
 
