@@ -203,3 +203,33 @@ def test_release_frees_the_operator_of_the_cycle_it_is_in():
     assert captured.calls == 2 and captured.replays == 1
     with pytest.raises(RuntimeError, match="released"):
         captured(v)
+
+
+@CUDA
+def test_cg_with_its_vector_work_replayed_takes_the_same_iterates(monkeypatch):
+    from torch_hf.cg import cg
+
+    made = []
+
+    class Recording(capture.CapturedUpdate):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(capture, "CapturedUpdate", Recording)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))
+    a = (q @ torch.diag(torch.logspace(-2, 2, 50, dtype=torch.float64)) @ q.T).cuda()
+    b = torch.randn(50, generator=g, dtype=torch.float64).cuda()
+    d = torch.diag(a)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kwargs = dict(precondition=lambda r: r / d, max_iters=60, tol=1e-8, check_every=5)
+        plain = cg(lambda v: a @ v, b, **kwargs)
+        graphed = cg(lambda v: a @ v, b, capture_stream=stream, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(made) == 1 and made[0].failure is None and made[0].replays == graphed.iterations - 1
+    assert (graphed.iterations, graphed.stop_reason) == (plain.iterations, plain.stop_reason)
+    assert float((graphed.x - plain.x).abs().max()) <= 1e-12 * float(plain.x.abs().max())
+    assert graphed.q_history == pytest.approx(plain.q_history, rel=1e-12, abs=1e-300)

@@ -171,3 +171,58 @@ def test_rate_termination_weighs_progress_against_the_steps_other_costs():
     assert cg(lambda v: a @ v, b, max_iters=n, min_iters=20, tol=0.0, overhead_iters=0.0).iterations >= 20
     with pytest.raises(ValueError, match="overhead_iters"):
         cg(lambda v: a @ v, b, overhead_iters=-1.0)
+
+
+def _indefinite(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.linspace(-1.0, 10.0, n, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("case", ["spd", "preconditioned_warm_start", "indefinite", "non_finite", "rate"])
+@pytest.mark.parametrize("check_every", [2, 5])
+def test_the_in_place_update_for_cuda_graphs_takes_the_loops_iterates(case, check_every):
+    """_cg_graphed runs the work after each product as one in-place function (captured on
+    CUDA, run as is here): iterate for iterate, the same arithmetic as cg's loop."""
+    from torch_hf.cg import _cg_graphed
+
+    n = 30
+    a, b, x0, solve, overhead = spd(n, 1e-3, 1e3), rhs(n), None, (lambda r: r), None
+    calls = [0]
+    if case == "preconditioned_warm_start":
+        d = torch.diag(a)
+        solve, x0 = (lambda r: r / d), 0.1 * rhs(n, seed=5)
+    elif case == "indefinite":
+        a = _indefinite(n)
+    elif case == "rate":  # stops by the rate rule at iteration 20
+        a, overhead = spd(n, 1.0, 1e4), 3.0
+
+    def mv(v):
+        calls[0] += 1
+        out = a @ v
+        return out * float("nan") if case == "non_finite" and calls[0] == 9 else out
+
+    kwargs = dict(max_iters=40, min_iters=1, tol=0.0 if case == "rate" else 1e-6, backtracking_factor=1.3,
+                  check_every=check_every,
+                  overhead_iters=overhead)
+    loop = cg(mv, b, x0, solve, **kwargs)
+    calls[0] = 0
+    graphed = _cg_graphed(mv, b, x0, solve, kwargs["max_iters"], kwargs["min_iters"], kwargs["tol"], 1.3,
+                          check_every, overhead, None)
+    expected = {"spd": "max_iters", "preconditioned_warm_start": None, "indefinite": "negative_curvature",
+                "non_finite": "non_finite", "rate": "rate"}[case]
+    assert expected is None or loop.stop_reason == expected
+    assert (graphed.iterations, graphed.stop_reason) == (loop.iterations, loop.stop_reason)
+    assert torch.equal(graphed.x, loop.x) and graphed.q_history == loop.q_history
+    assert [(i, q) for i, _, q in graphed.saved] == [(i, q) for i, _, q in loop.saved]
+    assert all(torch.equal(u, v) for (_, u, _), (_, v, _) in zip(graphed.saved, loop.saved))
+    if x0 is not None:
+        assert torch.equal(x0, 0.1 * rhs(n, seed=5))  # the caller's start is not written to
+
+
+def test_capture_stream_is_ignored_where_the_loop_reads_every_iteration():
+    n = 20
+    a, b = spd(n), rhs(n)
+    plain = cg(lambda v: a @ v, b, max_iters=30, check_every=1)
+    asked = cg(lambda v: a @ v, b, max_iters=30, check_every=1, capture_stream=object())  # never touched
+    assert torch.equal(plain.x, asked.x)

@@ -29,6 +29,11 @@ every ``check_every`` iterations to decide termination (``check_every=1`` on CPU
 nothing). When curvature turns non-positive between checks, α is zeroed on the device
 so the iterate stops moving until the next check ends the run. The trust-region test
 needs a norm on the host each iteration.
+
+On a GPU the vector work of an iteration (two dozen small kernels after the product) is
+launch-bound: with ``capture_stream`` it is recorded once into a CUDA graph, in place on
+fixed buffers, and replayed each iteration (:func:`_cg_graphed`; the product itself is
+captured by :mod:`torch_hf.curvature.capture`). The iterates are those of the loop below.
 """
 from __future__ import annotations
 
@@ -103,6 +108,7 @@ def cg(
     trust_metric: Tensor | None = None,
     check_every: int = 1,
     overhead_iters: float | None = None,
+    capture_stream=None,
 ) -> CGResult:
     """Run preconditioned CG (Algorithm 2) on ``A x = b``.
 
@@ -120,12 +126,18 @@ def cg(
         check_every: read termination quantities on the host every this many iterations.
         overhead_iters: what one outer step costs outside CG, in CG iterations; enables
             rate termination (see the module docstring). ``None``: progress criterion only.
+        capture_stream: a CUDA stream (the current one) to capture the iteration's vector
+            work on, replayed as one CUDA graph per iteration; used with ``check_every > 1``
+            and no trust region, ignored otherwise. A capture that fails runs uncaptured.
 
     Returns:
         :class:`CGResult`.
     """
     _check_arguments(max_iters, min_iters, tol, check_every, trust_radius, overhead_iters)
     solve = precondition if precondition is not None else (lambda r: r)
+    if capture_stream is not None and check_every > 1 and trust_radius is None:
+        return _cg_graphed(mv, b, x0, solve, max_iters, min_iters, tol, backtracking_factor, check_every,
+                           overhead_iters, capture_stream)
     x, r, y, p, q_dev, ok_dev = _start(mv, b, x0, solve, max_iters)
     ry = torch.dot(r, y)
     save_at = set(backtracking_schedule(max_iters, backtracking_factor))
@@ -183,6 +195,66 @@ def cg(
         beta = ry_next / torch.where(ry != 0, ry, torch.ones_like(ry))
         p.mul_(beta).sub_(y)
         ry = ry_next
+    return _result(x, i, stop_reason, bool(finite), q_dev, ok_dev, q_host, saved)
+
+
+def _cg_graphed(mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, solve: Callable[[Tensor], Tensor],
+                max_iters: int, min_iters: int, tol: float, backtracking_factor: float, check_every: int,
+                overhead_iters: float | None, stream) -> CGResult:
+    """:func:`cg`'s loop (``check_every > 1``, no trust region) with the work after each
+    product done in place on fixed buffers by one function, ``update``: run as is for the
+    first iteration, captured into a CUDA graph on ``stream`` at the second and replayed
+    from then on; ``stream=None`` runs it as is throughout (the same arithmetic as the
+    loop of :func:`cg`, iterate for iterate, which tests check on CPU). The iteration
+    count and the saved iterates are kept on the host as there; the updates of p that
+    the loop skips after its last iteration are done here and not used."""
+    from .curvature.capture import CapturedUpdate
+
+    x, r, y, p, q_dev, ok_dev = _start(mv, b, x0, solve, max_iters)  # fresh tensors, updated in place
+    ry = torch.dot(r, y)
+    good = torch.ones((), dtype=torch.bool, device=b.device)
+    finite = torch.ones((), dtype=torch.bool, device=b.device)
+    count = torch.zeros(1, dtype=torch.long, device=b.device)  # the iteration, as an index into q_dev / ok_dev
+    ap_in = torch.empty_like(b)
+
+    def update() -> None:
+        pap = torch.dot(p, ap_in)
+        ok = torch.isfinite(pap) & (pap > 0)
+        finite.logical_and_(torch.isfinite(pap))
+        good.logical_and_(ok)
+        count.add_(1)
+        ok_dev.index_copy_(0, count, good.reshape(1))
+        alpha, ap = _step_length(ry, pap, ap_in, ok, good, False)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap)
+        q_dev.index_copy_(0, count, (0.5 * (torch.dot(r, x) - torch.dot(b, x))).reshape(1))
+        y.copy_(solve(r))
+        ry_next = torch.dot(r, y)
+        beta = ry_next / torch.where(ry != 0, ry, torch.ones_like(ry))
+        p.mul_(beta).sub_(y)
+        ry.copy_(ry_next)
+
+    step = CapturedUpdate(update, stream, b.device)
+    save_at = set(backtracking_schedule(max_iters, backtracking_factor))
+    q_host: list[float] = []
+    saved: list[tuple[int, Tensor]] = []
+    stop_reason = "max_iters"
+    i = 0
+    while i < max_iters:
+        ap_in.copy_(mv(p))
+        step()
+        i += 1
+        if i in save_at:
+            saved.append((i, x.clone()))
+        if i % check_every == 0 or i == max_iters:
+            if not bool(good):
+                stop_reason = "bad"
+                break
+            q_host.extend(q_dev[len(q_host) : i + 1].tolist())
+            reason = _stop_test(q_host, i, min_iters, tol, overhead_iters)
+            if reason is not None:
+                stop_reason = reason
+                break
     return _result(x, i, stop_reason, bool(finite), q_dev, ok_dev, q_host, saved)
 
 

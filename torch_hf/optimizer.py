@@ -345,6 +345,12 @@ class HessianFree(torch.optim.Optimizer):
         loss.record_stream(caller)
         return loss
 
+    def _capturing(self, params: list[Tensor]):
+        """The stream this step captures on (``_capture_stream``'s, current), else ``None``."""
+        if self._stream is None or self._capture_failure is not None:
+            return None
+        return self._stream if torch.cuda.current_stream(params[0].device) == self._stream else None
+
     def _capture_stream(self, device: torch.device):
         """The side stream of a step whose products are captured, or ``None``."""
         if self.cuda_graphs is False or device.type != "cuda" or self.recompute or self.offload_activations \
@@ -394,7 +400,7 @@ class HessianFree(torch.optim.Optimizer):
                                                self._last_trial_evaluations) if cg_stop == "rate" else None
                 config = self.cg if cg_stop == self.cg.stop else dataclasses.replace(self.cg, stop=cg_stop)
                 result = solve(A, ev.grad, state.get("delta"), self.preconditioner, config,
-                               self._check_every(params), overhead)
+                               self._check_every(params), overhead, self._capturing(params))
                 state["cg_products"] = A.products
         with _timed(times, "backtracking_and_line_search"):
             objective = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)
@@ -464,7 +470,7 @@ class HessianFree(torch.optim.Optimizer):
             op = op_cls(self._params(), self.damping.augment_closure(closure), safe_kernels=self._safe_kernels,
                         **kwargs)
         self._safe_kernels = op.safe_kernels
-        if self._stream is not None and torch.cuda.current_stream(op.grad.device) == self._stream:
+        if self._capturing(self._params()) is not None:
             op.mv = self.last_capture = CapturedProduct(op.mv, self._stream)
         return op
 

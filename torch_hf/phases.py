@@ -91,16 +91,18 @@ def overhead_iterations(batch_ratio: float, separate_gradient: bool, preconditio
 
 
 def solve(A: Callable[[Tensor], Tensor], grad: Tensor, previous: Tensor | None, preconditioner: Any,
-          config: CGConfig, check_every: int, overhead_iters: float | None) -> CGResult:
+          config: CGConfig, check_every: int, overhead_iters: float | None, capture_stream=None) -> CGResult:
     """Line 4: δ ← PCG(−∇f, A, x₀ = ζ·δ₍k−1₎, P) (Alg. 2, §10), keeping the iterates ⌈γ^m⌉
-    for backtracking; a start that meets a non-finite product restarts from zero."""
+    for backtracking; a start that meets a non-finite product restarts from zero. With
+    ``capture_stream``, CG's vector work is replayed from a CUDA graph (:func:`torch_hf.cg.cg`)."""
     usable = previous is not None and config.decay > 0 and previous.shape == grad.shape
     x0 = previous * config.decay if usable else None
     factor = config.backtracking_factor or 1e9  # None: only the last iterate is kept
     trust_metric = preconditioner.diagonal() if config.trust_radius is not None else None
     kwargs = dict(precondition=preconditioner.solve, max_iters=config.max_iters, min_iters=config.min_iters,
                   tol=config.tol, backtracking_factor=factor, trust_radius=config.trust_radius,
-                  trust_metric=trust_metric, check_every=check_every, overhead_iters=overhead_iters)
+                  trust_metric=trust_metric, check_every=check_every, overhead_iters=overhead_iters,
+                  capture_stream=capture_stream)
     try:
         return cg(A, -grad, x0, **kwargs)
     except FloatingPointError:

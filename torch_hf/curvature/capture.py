@@ -27,10 +27,45 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedProduct"]
+__all__ = ["CapturedProduct", "CapturedUpdate"]
 
 logger = logging.getLogger("torch_hf")
 _reported: set[str] = set()
+
+
+def _report(what: str, failure: str) -> None:
+    if failure not in _reported:
+        _reported.add(failure)
+        logger.warning("torch_hf: %s could not be captured in a CUDA graph (%s); it runs uncaptured", what, failure)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def _record(fn: Callable[[], object], stream, device: torch.device):
+    """Record ``fn()`` into a new CUDA graph (its own memory pool) on ``stream``; returns
+    ``(graph, what fn returned)``. ``capture_begin``/``capture_end`` rather than
+    ``torch.cuda.graph``: that context also collects garbage and empties the allocator's
+    cache on entry, every step. A capture that fails leaves the device's default generator
+    marked as capturing (its next random draw raises "Offset increment outside graph
+    capture"): a clean copy of its state is put back (torch >= 2.4; nothing captured here
+    draws random numbers)."""
+    graph = torch.cuda.CUDAGraph()
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    saved = generator.clone_state() if hasattr(generator, "graphsafe_set_state") else None
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+    except BaseException:
+        if saved is not None:
+            generator.graphsafe_set_state(saved)
+        raise
+    return graph, out
 
 
 class CapturedProduct:
@@ -66,11 +101,8 @@ class CapturedProduct:
                 self.graph, self._output = self._capture(self._input)
             except Exception as err:  # noqa: BLE001 - any failure means: do not capture
                 self.graph, self._input, self._output = None, None, None
-                self.failure = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-                if self.failure not in _reported:
-                    _reported.add(self.failure)
-                    logger.warning("torch_hf: the curvature product could not be captured in a CUDA graph "
-                                   "(%s); products run uncaptured", self.failure)
+                self.failure = _describe(err)
+                _report("the curvature product", self.failure)
                 return self._mv(v)
         assert self._input is not None and self._output is not None
         self._input.copy_(v)
@@ -86,27 +118,36 @@ class CapturedProduct:
         self.graph, self._input, self._output = None, None, None
 
     def _capture(self, static_input: Tensor):
-        """Record one product into a new graph (its own memory pool); returns (graph, output).
-        ``capture_begin``/``capture_end`` rather than ``torch.cuda.graph``: that context also
-        collects garbage and empties the allocator's cache on entry, each step."""
-        graph = torch.cuda.CUDAGraph()
-        # A capture that fails leaves the device's default generator marked as capturing (its
-        # next random draw raises "Offset increment outside graph capture"): keep a clean copy
-        # of its state to put back (torch >= 2.4; the products draw no random numbers).
-        generator = torch.cuda.default_generators[static_input.device.index]
-        saved = generator.clone_state() if hasattr(generator, "graphsafe_set_state") else None
-        try:
-            with torch.cuda.stream(self._stream):
-                graph.capture_begin()
-                try:
-                    out = self._mv(static_input)
-                finally:
-                    graph.capture_end()
-        except BaseException:
-            if saved is not None:
-                generator.graphsafe_set_state(saved)
-            raise
-        return graph, out
+        """Record one product on ``static_input``; returns (graph, output)."""
+        return _record(lambda: self._mv(static_input), self._stream, static_input.device)
+
+
+class CapturedUpdate:
+    """A function of no arguments that updates fixed buffers in place (CG's vector work,
+    :func:`torch_hf.cg._cg_graphed`), replayed from a CUDA graph after the first call.
+    With ``stream=None`` it always runs as is. Attributes as :class:`CapturedProduct`."""
+
+    def __init__(self, fn: Callable[[], None], stream, device: torch.device | None = None) -> None:
+        self._fn, self._stream, self._device = fn, stream, device
+        self.graph = None
+        self.calls = self.replays = 0
+        self.failure: str | None = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self._stream is None or self.failure is not None or self.calls == 1:
+            self._fn()
+            return
+        if self.graph is None:
+            try:
+                self.graph, _ = _record(self._fn, self._stream, self._device or torch.device("cuda"))
+            except Exception as err:  # noqa: BLE001 - any failure means: do not capture
+                self.graph, self.failure = None, _describe(err)
+                _report("CG's vector work", self.failure)
+                self._fn()  # a capture does not run the work: nothing was updated
+                return
+        self.graph.replay()
+        self.replays += 1
 
 
 def _released(v: Tensor) -> Tensor:
