@@ -180,11 +180,7 @@ def cg(
         if i in save_at:
             saved.append((i, x))
         if i % check_every == 0 or i == max_iters:
-            if not bool(good):
-                stop_reason = "bad"
-                break
-            q_host.extend(q_dev[len(q_host) : i + 1].tolist())
-            reason = _stop_test(q_host, i, min_iters, tol, overhead_iters)
+            reason = _host_check(good, q_dev, q_host, i, min_iters, tol, overhead_iters)
             if reason is not None:
                 stop_reason = reason
                 break
@@ -247,11 +243,7 @@ def _cg_graphed(mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, so
         if i in save_at:
             saved.append((i, x.clone()))
         if i % check_every == 0 or i == max_iters:
-            if not bool(good):
-                stop_reason = "bad"
-                break
-            q_host.extend(q_dev[len(q_host) : i + 1].tolist())
-            reason = _stop_test(q_host, i, min_iters, tol, overhead_iters)
+            reason = _host_check(good, q_dev, q_host, i, min_iters, tol, overhead_iters)
             if reason is not None:
                 stop_reason = reason
                 break
@@ -303,6 +295,17 @@ def _check_arguments(max_iters: int, min_iters: int, tol: float, check_every: in
         raise ValueError(f"trust_radius must be > 0, got {trust_radius}")
     if overhead_iters is not None and not overhead_iters >= 0:
         raise ValueError(f"overhead_iters must be >= 0, got {overhead_iters}")
+
+
+def _host_check(good: Tensor, q_dev: Tensor, q_host: list[float], i: int, min_iters: int, tol: float,
+                overhead_iters: float | None) -> str | None:
+    """The check every ``check_every`` iterations (a host synchronisation): ``"bad"`` after
+    non-positive or non-finite curvature, else q(x_0..x_i) read into ``q_host`` and the
+    termination tests' verdict."""
+    if not bool(good):
+        return "bad"
+    q_host.extend(q_dev[len(q_host) : i + 1].tolist())
+    return _stop_test(q_host, i, min_iters, tol, overhead_iters)
 
 
 def _stop_test(q: list[float], i: int, min_iters: int, tol: float, overhead_iters: float | None) -> str | None:
