@@ -782,3 +782,17 @@ def test_the_engd_baseline_and_the_solver_option_run_and_say_what_they_solved(tm
                            "--time-budget", "0", "--out", str(tmp_path), "--no-progress"])
     assert cg["history"][-1]["solver"] == "cg" and cg["config"]["solver"] == "cg"
     assert (tmp_path / "scientific_poisson2d_257_hf_cg.json").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], (1000, None, 1.0)),
+    (["--device", "cuda"], (5000, 1250, 1.0)),
+    (["--device", "cuda:1", "--optimizer", "adam"], (1000, None, 3e-3)),
+    (["--device", "cuda", "--optimizer", "adam", "--batch-size", "200"], (200, None, 1e-3)),
+    (["--device", "cuda", "--curvature-batch-size", "500"], (5000, 500, 1.0)),
+    (["--optimizer", "adam"], (200, None, 1e-3)),
+])
+def test_autoencoder_batch_defaults_follow_the_device(argv, expected):
+    """On CUDA the recipe's defaults are the larger batches measured better on an H200."""
+    cfg = autoencoder._config(autoencoder.build_parser().parse_args(argv))
+    assert (cfg["batch_size"], cfg["curvature_batch_size"], cfg["lr"]) == expected
