@@ -351,15 +351,21 @@ def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.M
     if hasattr(problem, "advance"):  # a problem that draws fresh points every few steps
         problem.advance()
 
+    # HF and ENGD get the residuals point by point where the problem has them: a closure that
+    # also gives the residuals' Jacobian, for the exact solve in residual space.
+    pointwise = problem.pointwise(model) if name in ("hf", "engd") and hasattr(problem, "pointwise") else None
+
     def closure():
         evals[0] += 1
         if name in ("hf", "engd"):
-            return problem.loss(model)
+            return pointwise() if pointwise is not None else problem.loss(model)
         opt.zero_grad(set_to_none=True)
         loss = problem.loss(model)[0]
         loss.backward()
         return loss
 
+    if pointwise is not None:
+        closure.jacobian = pointwise.jacobian
     if name in ("hf", "engd"):
         opt.step(closure)
         d = opt.last_step

@@ -173,3 +173,108 @@ def test_bad_solver_options_are_named():
         torch_hf.HessianFree(p, solver="cholesky")
     with pytest.raises(ValueError, match="dense_max_params"):
         torch_hf.HessianFree(p, dense_max_params=-1)
+
+
+def test_the_residual_space_solve_is_the_parameter_space_solve():
+    """δ = −Jᵀ(c JJᵀ + sI)⁻¹u equals −(c JᵀJ + sI)⁻¹Jᵀu (push-through), for M < n."""
+    from torch_hf.dense import residual_solve
+
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(12, 30, generator=g, dtype=torch.float64)
+    u = torch.randn(12, generator=g, dtype=torch.float64)
+    grad = J.t() @ u
+    for shift in (1e-3, 0.5):
+        got = residual_solve(J, 2.0, shift, u, grad)
+        want = dense_solve(2.0 * J.t() @ J, shift, 0.0, grad)
+        assert got.stop_reason == "dense" and got.iterations == 0
+        assert float((got.x - want.x).norm() / want.x.norm()) <= 1e-10
+        assert got.q == pytest.approx(want.q, rel=1e-10)
+    assert residual_solve(J, 2.0, -1e3, u, grad) is None  # not positive definite
+
+
+def test_output_hessian_scale_reads_c_of_a_sum_of_squares_and_refuses_the_rest():
+    from torch_hf.dense import output_hessian_scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    def closure(loss):
+        def run():
+            z = model(x)
+            return loss(z), z
+        return run
+
+    squares = GGN(model.parameters(), lambda: torch_hf.residuals.residual_loss(model(x) - 1.0))
+    assert output_hessian_scale(squares) == pytest.approx(2.0, rel=1e-14)
+    mean = GGN(model.parameters(), closure(lambda z: F.mse_loss(z, torch.zeros_like(z))))
+    assert output_hessian_scale(mean) == pytest.approx(2.0 / 30, rel=1e-14)
+    assert output_hessian_scale(GGN(model.parameters(), closure(lambda z: F.cross_entropy(z, y)))) is None
+
+
+def _pinn_with_jacobian(seed=0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    return _poisson(seed=seed)
+
+
+def test_hf_solves_in_residual_space_when_the_closure_gives_its_jacobian():
+    model, pde, _ = _pinn_with_jacobian()
+    n, m = sum(p.numel() for p in model.parameters()), pde()[1].numel()
+    assert m < n
+    opt = torch_hf.HessianFree(model.parameters())
+    solvers = []
+    for _ in range(4):
+        opt.step(pde)
+        solvers.append(opt.last_step.solver)
+    assert solvers[0] == "cg" and solvers[-1] == "residual"  # once the objective is known to be deterministic
+
+
+@pytest.mark.parametrize("step", ["levenberg-marquardt", "gauss-newton"])
+def test_the_residual_space_step_is_the_dense_step(step):
+    """The same step solved in residual space (the closure gives J) and in parameter space
+    (the same closure without it): to rounding with the damped system (λ = 1); the Gauss-
+    Newton step's B + εI is ill-conditioned in parameter space (rank M < n, ε ≈ 1e-9), and
+    the two agree to what that allows."""
+    runs = {}
+    for with_jacobian in (True, False):
+        model, pde, _ = _pinn_with_jacobian()
+        closure = pde if with_jacobian else (lambda: pde())
+        opt = torch_hf.HessianFree(model.parameters(), solver="dense", line_search_c=None)
+        opt._state()["dense_step"] = step
+        theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        opt.step(closure)
+        moved = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
+        runs[with_jacobian] = (moved, opt.last_step.solver)
+    (a, solver_a), (b, solver_b) = runs[True], runs[False]
+    assert (solver_a, solver_b) == ("residual", "dense")
+    assert float(b.norm()) > 0
+    assert float((a - b).norm() / b.norm()) <= (1e-10 if step == "levenberg-marquardt" else 1e-5)
+
+
+def test_residual_space_is_not_used_where_it_does_not_apply():
+    model, pde, _ = _pinn_with_jacobian()
+    opt = torch_hf.HessianFree(model.parameters(), weight_decay=1e-4, solver="dense")  # ∇f not in range(Jᵀ)
+    opt.step(pde)
+    assert opt.last_step.solver == "dense"
+    model, pde, _ = _pinn_with_jacobian()
+    opt = torch_hf.HessianFree(model.parameters(), solver="cg")
+    for _ in range(3):
+        opt.step(pde)
+        assert opt.last_step.solver == "cg"
+
+
+def test_a_jacobian_of_the_wrong_shape_is_named():
+    model, pde, _ = _pinn_with_jacobian()
+
+    def closure():
+        return pde()
+
+    closure.jacobian = lambda params: pde.jacobian(params)[:-1]
+    opt = torch_hf.HessianFree(model.parameters(), solver="dense")
+    with pytest.raises(ValueError, match="jacobian"):
+        opt.step(closure)

@@ -67,6 +67,12 @@ def test_the_design_pages_worked_examples_run(section):
     exec(compile(code, f"docs/design.md: {section}", "exec"), {"__name__": "__design__"})
 
 
+def test_the_pointwise_residuals_example_in_docs_scientific_runs():
+    text = (ROOT / "docs" / "scientific.md").read_text()
+    (code,) = _fenced(_section(text, "Residuals point by point: `torch_hf.residuals.PointwiseResiduals`"), "python")
+    exec(compile(code, "docs/scientific.md: PointwiseResiduals", "exec"), {"__name__": "__docs__"})
+
+
 def test_the_pinn_closure_example_in_docs_scientific_runs():
     text = (ROOT / "docs" / "scientific.md").read_text()
     (code,) = _fenced(_section(text, "Writing a PINN closure: `torch_hf.residuals`"), "python")

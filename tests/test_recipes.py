@@ -745,6 +745,27 @@ def test_the_published_pinn_benchmark_instances_are_rebuilt_as_their_repository_
     assert not torch.equal(heat.x_int, before)  # resampled every step (their HF run's batch_frequency 1)
 
 
+def test_the_benchmark_problems_give_their_residuals_point_by_point_and_hf_solves_in_residual_space(tmp_path):
+    """pinns.py's pointwise closures are the batched ones (with their Jacobian), and on a
+    network with more parameters than residuals the recipe's HF takes the residual-space step."""
+    import json
+
+    import torch
+
+    from recipes import pinns, scientific
+
+    for problem in (pinns.DangelPoisson("mlp-tanh-64"), pinns.DangelHeat("mlp-tanh-64", n_interior=40, n_boundary=20)):
+        model = problem.model()
+        pointwise = problem.pointwise(model)
+        assert torch.allclose(pointwise()[1].detach(), problem.loss(model)[1].detach(), rtol=0, atol=1e-12)
+        assert pointwise.jacobian().shape == (len(pointwise()[1]), sum(p.numel() for p in model.parameters()))
+    scientific.main(["--problem", "poisson2d_9873", "--optimizer", "hf", "--max-iters", "3", "--time-budget", "0",
+                     "--out", str(tmp_path), "--no-progress"])
+    (path,) = tmp_path.glob("*.json")
+    solvers = [row.get("solver") for row in json.loads(path.read_text())["history"]]
+    assert solvers[-1] == "residual"
+
+
 def test_the_benchmark_table_sets_each_run_against_the_published_figures(tmp_path, capsys):
     from recipes import scientific
 

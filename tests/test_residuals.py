@@ -80,3 +80,61 @@ def test_mistakes_are_named():
         residual_loss(torch.ones(2), weights=[0.0])
     with pytest.raises(ValueError, match="require grad"):
         gradient(torch.ones(3), torch.ones(3, 2))
+
+
+def _poisson(width=16, n_int=60, n_bnd=24, seed=0):
+    from torch_hf.residuals import PointwiseResiduals, laplacian_at
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 1)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(n_int, 2, generator=g, dtype=torch.float64)
+    f = 2 * math.pi**2 * torch.sin(math.pi * x[:, 0]) * torch.sin(math.pi * x[:, 1])
+    t = torch.rand(n_bnd // 2, generator=g, dtype=torch.float64)
+    xb = torch.cat([torch.stack([t, t.round()], 1), torch.stack([t.round(), t], 1)])
+    gb = torch.zeros(len(xb), dtype=torch.float64)
+    pde = PointwiseResiduals(model, [(lambda u, p, fi: -laplacian_at(u, p) - fi, x, f),
+                                     (lambda u, p, gi: u(p) - gi, xb, gb)], weights=[1.0, 4.0])
+
+    def batched():
+        _, lap = laplacian(model, x)
+        return residual_loss(-lap - f, model(xb).squeeze(-1) - gb, weights=[1.0, 4.0])
+
+    return model, pde, batched
+
+
+def test_pointwise_residuals_are_the_batched_closure_and_their_jacobian_its_jvp():
+    model, pde, batched = _poisson()
+    (loss, r), (loss_ref, r_ref) = pde(), batched()
+    assert torch.allclose(r, r_ref, rtol=0, atol=1e-13) and abs(float(loss - loss_ref)) <= 1e-13
+    J = pde.jacobian()
+    ggn = torch_hf.GGN(model.parameters(), pde)
+    assert J.shape == (len(r), ggn.numel)
+    for seed in range(3):
+        v = torch.randn(ggn.numel, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert float((J @ v - ggn.jvp(v)[0]).abs().max()) <= 1e-12 * float(J.abs().max() * v.abs().max())
+    # A subset of the parameters: their columns, in the order given.
+    params = list(model.parameters())
+    part = pde.jacobian([params[2], params[0]])
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    assert torch.equal(part, torch.cat([J[:, offsets[2]:offsets[3]], J[:, offsets[0]:offsets[1]]], dim=1))
+
+
+def test_pointwise_residuals_name_their_mistakes():
+    from torch_hf.residuals import PointwiseResiduals
+
+    model = nn.Linear(2, 1).double()
+    x = torch.rand(5, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="model"):
+        PointwiseResiduals(lambda x: x, [(lambda u, p: u(p), x)])
+    with pytest.raises(ValueError, match="at least one term"):
+        PointwiseResiduals(model, [])
+    with pytest.raises(ValueError, match="one row per point"):
+        PointwiseResiduals(model, [(lambda u, p, d: u(p) - d, x, torch.zeros(4, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="weights"):
+        PointwiseResiduals(model, [(lambda u, p: u(p), x)], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="not the model's"):
+        PointwiseResiduals(model, [(lambda u, p: u(p), x)]).jacobian([torch.zeros(3, requires_grad=True)])

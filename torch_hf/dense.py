@@ -10,6 +10,13 @@ deterministic full-batch objective (:mod:`torch_hf.regime`) with at most
 ``dense_max_params`` parameters once CG is spending more products than the dense
 matrix costs; everything else of the step (ρ, the Levenberg-Marquardt rule, the line
 search) is unchanged.
+
+When the closure also gives its outputs' Jacobian J (M × n, ``closure.jacobian(params)``;
+:class:`torch_hf.residuals.PointwiseResiduals` for PINNs) and the loss is a sum of squares
+(L'' = cI), the same system is solved in residual space, :func:`residual_solve`: one
+Cholesky of the M × M matrix c JJᵀ + sI instead of n × n, whatever n is. On the benchmark's
+9,873-parameter Poisson network with 1,020 residuals this takes the exact Gauss-Newton step
+in about 0.6 s of one CPU thread, where CG capped at 250 products took 4.7 s and fell short.
 """
 from __future__ import annotations
 
@@ -20,8 +27,8 @@ from torch import Tensor
 
 from .cg import CGResult
 
-__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_LINE_SEARCH", "dense_matrix",
-           "dense_solve"]
+__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_LINE_SEARCH",
+           "dense_matrix", "dense_solve", "residual_solve", "output_hessian_scale"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
 # (benchmarks/dense_solve.py, CPU, one thread: 0.27 on the 2-64-1 PINN of 1,020 residuals,
@@ -49,6 +56,41 @@ GAUSS_NEWTON_LINE_SEARCH = (0.5, 30)  # (β, most evaluations)
 # behind at 120 s on a small reaction-diffusion PINN), or the Gauss-Newton step when it
 # makes a quarter of the damped step's decrease (7× behind on the 257-parameter Poisson
 # instance, 17× on that reaction-diffusion PINN, at 120 s).
+
+
+def output_hessian_scale(curvature: Any) -> float | None:
+    """c when the loss's Hessian in the outputs is c·I (a sum of squared residuals: c = 2),
+    read from two products with L'', else ``None``."""
+    outputs = getattr(curvature, "outputs", None)
+    if outputs is None or len(outputs) != 1 or getattr(curvature, "extras", ()):
+        return None
+    z = outputs[0]
+    probe = torch.linspace(0.5, 1.5, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape)
+    h = curvature.loss_hvp((probe,))[0]
+    c = float(h.reshape(-1)[0] / probe.reshape(-1)[0])
+    if not (c > 0 and torch.allclose(h, c * probe, rtol=1e-12, atol=0.0)):
+        return None
+    flipped = curvature.loss_hvp((probe.flip(-1) if z.dim() else probe,))[0]
+    return c if torch.allclose(flipped, c * (probe.flip(-1) if z.dim() else probe), rtol=1e-12, atol=0.0) else None
+
+
+def residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, grad: Tensor) -> CGResult | None:
+    """δ = −(c JᵀJ + sI)⁻¹∇f in residual space, for B = c JᵀJ (M outputs, M < n parameters)
+    and ∇f = Jᵀu with u = ∂L/∂z (``output_grad``, no weight decay): by the push-through
+    identity (c JᵀJ + sI)⁻¹Jᵀ = Jᵀ(c JJᵀ + sI)⁻¹, δ = −Jᵀ(c JJᵀ + sI)⁻¹u, one Cholesky of an
+    M × M matrix (Dangel et al.'s ENGD made scalable, a Woodbury form). Returned as
+    :func:`dense_solve` returns it, q(δ) = ½ ∇fᵀδ; ``None`` when not positive definite."""
+    K = c * (J @ J.t())
+    K.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(K)
+    if int(info) != 0:
+        return None
+    w = torch.cholesky_solve(output_grad.reshape(-1, 1).to(K.dtype), L).squeeze(1)
+    x = -(J.t() @ w)
+    if not bool(torch.isfinite(x).all()):
+        return None
+    q = 0.5 * float(torch.dot(grad, x))
+    return CGResult(x=x, q=q, iterations=0, stop_reason="dense", saved=[(0, x, q)], q_history=[0.0, q])
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:

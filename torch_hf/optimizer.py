@@ -38,7 +38,8 @@ from .curvature.capture import CapturedProduct
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
-from .dense import DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_LINE_SEARCH, dense_matrix, dense_solve
+from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_LINE_SEARCH,
+                    dense_matrix, dense_solve, output_hessian_scale, residual_solve)
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -199,6 +200,7 @@ class HessianFree(torch.optim.Optimizer):
         self.last_capture: CapturedProduct | None = None  # the last step's captured product, if any
         self._stream = None  # the side stream a capturing step runs on (created on first use)
         self._capture_failure: str | None = None  # why a capture failed: no step captures after it
+        self._jacobian: Callable | None = None  # the curvature closure's ``jacobian``, if it has one
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.curvature, self.loss_hvp, self.process_group = curvature, loss_hvp, process_group
         self.damping = Tikhonov(1.0) if damping is None else damping
@@ -323,6 +325,9 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError("curvature_closure must be callable or None")
         if curvature_closure is None and self.curvature_batch is not None:
             curvature_closure = first_cases(closure, self.curvature_batch)
+        source = curvature_closure if curvature_closure is not None else closure
+        jacobian = getattr(source, "jacobian", None)
+        self._jacobian = jacobian if callable(jacobian) else None  # residual space (torch_hf.dense.residual_solve)
         device = self._params()[0].device
         flush = self.flush_denormal and device.type == "cpu"
         stream = self._capture_stream(device)
@@ -377,20 +382,35 @@ class HessianFree(torch.optim.Optimizer):
         deterministic = regime.deterministic(state)
         cg_stop = self.cg.stop if self.cg.stop != "auto" else ("progress" if deterministic else "rate")
         dense = self._use_dense(params, deterministic, state)
+        residual = self._residual_space(ev, params, deterministic, state, decay, reducer)  # c of L'' = cI, or None
         with _timed(times, "preconditioner"):  # line 3
-            lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer, not dense)
+            lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer,
+                                                             not (dense or residual is not None))
+            if residual is not None and not isinstance(A.shift, float):  # the damping is not λI
+                residual = None
+                if not dense:
+                    self._update_preconditioner(ev, decay, reducer)
             if dense and A.shift is None:  # structural damping: not a diagonal shift
                 dense = False
                 self._update_preconditioner(ev, decay, reducer)
+        dense = dense or residual is not None
         with _timed(times, "cg"):  # line 4
             result = None
             gauss_newton = None  # ε of a Gauss-Newton step (torch_hf.dense), when one is taken
             if dense:
-                B = dense_matrix(ev.curvature, reducer)
+                if residual is not None:
+                    J = self._outputs_jacobian(params, ev)
+                    mean_diagonal = residual * float((J * J).sum()) / J.shape[1]  # of B = c JᵀJ
+                else:
+                    B = dense_matrix(ev.curvature, reducer)
+                    mean_diagonal = float(B.diagonal().mean())
                 shift = self.damping.diagonal()
                 if state.get("dense_step", "gauss-newton") == "gauss-newton":
-                    gauss_newton = shift = GAUSS_NEWTON_DAMPING * float(B.diagonal().mean().clamp_min(1e-300))
-                result = dense_solve(B, shift, decay.diagonal(), ev.grad)
+                    gauss_newton = shift = GAUSS_NEWTON_DAMPING * max(mean_diagonal, 1e-300)
+                if residual is not None:
+                    result = residual_solve(J, residual, shift, ev.curvature.output_grads[0], ev.grad)
+                else:
+                    result = dense_solve(B, shift, decay.diagonal(), ev.grad)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
                     self._update_preconditioner(ev, decay, reducer)
@@ -438,7 +458,7 @@ class HessianFree(torch.optim.Optimizer):
             step=state["step"], loss_before=ev.f, loss_after=f_new if step_scale == alpha else math.nan, rho=rho,
             damping=lam, damping_next=self.damping.value, cg_iterations=result.iterations,
             cg_stop_reason=result.stop_reason, cg_stop=cg_stop,
-            solver="dense" if result.stop_reason == "dense" else "cg",
+            solver=("residual" if residual is not None else "dense") if result.stop_reason == "dense" else "cg",
             regime="deterministic" if deterministic else regime.describe(state),
             chosen_iteration=chosen, line_search_alpha=alpha,
             predicted_reduction=model_reduction, rho_informative=informative, converged=stall == "converged",
@@ -502,6 +522,36 @@ class HessianFree(torch.optim.Optimizer):
         n = sum(p.numel() for p in params)
         return (deterministic and n <= self.dense_max_params
                 and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
+
+    def _residual_space(self, ev: Evaluation, params: list[Tensor], deterministic: bool, state: dict,
+                        decay: WeightDecay, reducer: Reducer | None) -> float | None:
+        """c when line 4 solves in residual space (:func:`torch_hf.dense.residual_solve`), else
+        ``None``: the curvature closure gives its outputs' Jacobian (``closure.jacobian``,
+        :class:`torch_hf.residuals.PointwiseResiduals`), its M outputs are fewer than the n
+        parameters, L'' = cI, the gradient is the curvature batch's with no weight decay, one
+        process; with ``solver="auto"`` also a deterministic objective (:mod:`torch_hf.regime`;
+        a closure that offers J is taken to want it used: it costs about 0.13 products per row
+        on the benchmark's Poisson network, a few CG iterations' worth). The damping must turn
+        out λI (checked once it is prepared)."""
+        if self.solver == "cg" or self._jacobian is None or reducer is not None or decay.active \
+                or ev.separate_gradient:
+            return None
+        outputs = getattr(ev.curvature, "outputs", ())
+        m, n = sum(o.numel() for o in outputs), sum(p.numel() for p in params)
+        if not 0 < m < n:
+            return None
+        if self.solver == "auto" and not deterministic:
+            return None
+        return output_hessian_scale(ev.curvature)
+
+    def _outputs_jacobian(self, params: list[Tensor], ev: Evaluation) -> Tensor:
+        """The curvature closure's J (M × n), checked against the outputs and the parameters."""
+        J = self._jacobian(params)
+        m, n = sum(o.numel() for o in ev.curvature.outputs), sum(p.numel() for p in params)
+        if not isinstance(J, Tensor) or tuple(J.shape) != (m, n):
+            raise ValueError(f"closure.jacobian(params) must return the outputs' Jacobian as an ({m} x {n}) tensor, "
+                             f"got {tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__}")
+        return J.to(ev.grad.dtype)
 
     def _apply(self, params: list[Tensor], theta0: Tensor, delta: Tensor, alpha: float, last_iterate: Tensor,
                state: dict) -> float:
