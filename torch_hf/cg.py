@@ -60,6 +60,8 @@ class CGResult:
         saved: ``[(iteration, x_i, q(x_i))]`` on the geometric schedule, ascending,
             last entry the final iterate.
         q_history: q(x_i) for i = 0..iterations.
+        capture_failure: with ``capture_stream``, why the vector work could not be
+            captured (it then ran uncaptured), else ``None``.
     """
 
     x: Tensor
@@ -68,6 +70,7 @@ class CGResult:
     stop_reason: str
     saved: list[tuple[int, Tensor, float]] = field(default_factory=list)
     q_history: list[float] = field(default_factory=list)
+    capture_failure: str | None = None  # why CG's vector work could not be captured (capture_stream)
 
 
 def backtracking_schedule(max_iters: int, factor: float = 1.3) -> list[int]:
@@ -247,7 +250,9 @@ def _cg_graphed(mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, so
             if reason is not None:
                 stop_reason = reason
                 break
-    return _result(x, i, stop_reason, bool(finite), q_dev, ok_dev, q_host, saved)
+    result = _result(x, i, stop_reason, bool(finite), q_dev, ok_dev, q_host, saved)
+    result.capture_failure = step.failure
+    return result
 
 
 def _start(mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, solve: Callable[[Tensor], Tensor],

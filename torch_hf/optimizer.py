@@ -421,6 +421,8 @@ class HessianFree(torch.optim.Optimizer):
                 config = self.cg if cg_stop == self.cg.stop else dataclasses.replace(self.cg, stop=cg_stop)
                 result = solve(A, ev.grad, state.get("delta"), self.preconditioner, config,
                                self._check_every(params), overhead, self._capturing(params))
+                if result.capture_failure is not None:  # the same parts fail the same way: stop trying
+                    self._capture_failure = result.capture_failure
                 state["cg_products"] = A.products
         with _timed(times, "backtracking_and_line_search"):
             objective = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)
