@@ -151,6 +151,12 @@ class Poisson(Problem):
         _, lap = laplacian(model, self.x_int)
         return lap + self.f_int, model(self.x_bnd).squeeze(-1)
 
+    def pointwise(self, model: nn.Module) -> torch_hf.residuals.PointwiseResiduals:
+        """The same residuals point by point (a closure that also gives their Jacobian)."""
+        return torch_hf.residuals.PointwiseResiduals(model, [
+            (lambda u, x, f: torch_hf.residuals.laplacian_at(u, x) + f, self.x_int, self.f_int),
+            (lambda u, x: u(x), self.x_bnd)])
+
     def score(self, model: nn.Module) -> float:
         with torch.no_grad():
             u = model(self.x_eval).squeeze(-1)
@@ -195,6 +201,19 @@ class ReactionDiffusion(Problem):
         pde = du[:, 1] - self.nu * d2u[:, 0] + u**3 - self.f_int
         initial = model(self.x_init).squeeze(-1) - torch.sin(math.pi * self.x_init[:, 0])
         return pde, initial, model(self.x_bnd).squeeze(-1)
+
+    def pointwise(self, model: nn.Module) -> torch_hf.residuals.PointwiseResiduals:
+        """The same residuals point by point (a closure that also gives their Jacobian)."""
+        nu = self.nu
+
+        def pde(u, xt, f):
+            du = torch.func.grad(u)(xt)
+            return du[1] - nu * torch.func.hessian(u)(xt)[0, 0] + u(xt) ** 3 - f
+
+        return torch_hf.residuals.PointwiseResiduals(model, [
+            (pde, self.x_int, self.f_int),
+            (lambda u, xt: u(xt) - torch.sin(math.pi * xt[0]), self.x_init),
+            (lambda u, xt: u(xt), self.x_bnd)])
 
     def score(self, model: nn.Module) -> float:
         with torch.no_grad():

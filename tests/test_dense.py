@@ -278,3 +278,38 @@ def test_a_jacobian_of_the_wrong_shape_is_named():
     opt = torch_hf.HessianFree(model.parameters(), solver="dense")
     with pytest.raises(ValueError, match="jacobian"):
         opt.step(closure)
+
+
+def test_with_more_residuals_than_parameters_the_jacobian_gives_the_dense_matrix():
+    """M ≥ n: B = c JᵀJ from the closure's Jacobian is the forward-column B, so the damped
+    dense step is the same with and without it; and the defaults take the dense step as soon
+    as the objective is known to be deterministic."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    model, pde, _ = _poisson(width=4)
+    n, m = sum(p.numel() for p in model.parameters()), pde()[1].numel()
+    assert m >= n
+    ggn = GGN(model.parameters(), pde)
+    J = pde.jacobian()
+    assert float((2.0 * J.t() @ J - ggn.dense()).abs().max()) <= 1e-12 * float(ggn.dense().abs().max())
+    moved = {}
+    for with_jacobian in (True, False):
+        model, pde, _ = _poisson(width=4)
+        opt = torch_hf.HessianFree(model.parameters(), solver="dense", line_search_c=None)
+        opt._state()["dense_step"] = "levenberg-marquardt"
+        theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        opt.step(pde if with_jacobian else (lambda: pde()))
+        moved[with_jacobian] = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
+        assert opt.last_step.solver == "dense"
+    assert float((moved[True] - moved[False]).norm() / moved[False].norm()) <= 1e-10
+    model, pde, _ = _poisson(width=4)
+    opt = torch_hf.HessianFree(model.parameters())
+    solvers = []
+    for _ in range(3):
+        opt.step(pde)
+        solvers.append(opt.last_step.solver)
+    assert solvers == ["cg", "dense", "dense"]

@@ -402,7 +402,9 @@ class HessianFree(torch.optim.Optimizer):
                     J = self._outputs_jacobian(params, ev)
                     mean_diagonal = residual * float((J * J).sum()) / J.shape[1]  # of B = c JᵀJ
                 else:
-                    B = dense_matrix(ev.curvature, reducer)
+                    B = self._dense_from_jacobian(params, ev, reducer)
+                    if B is None:
+                        B = dense_matrix(ev.curvature, reducer)
                     mean_diagonal = float(B.diagonal().mean())
                 shift = self.damping.diagonal()
                 if state.get("dense_step", "gauss-newton") == "gauss-newton":
@@ -522,6 +524,8 @@ class HessianFree(torch.optim.Optimizer):
         if self.solver == "dense":
             return True
         n = sum(p.numel() for p in params)
+        if deterministic and n <= self.dense_max_params and self._jacobian is not None:
+            return True  # B = c JᵀJ from the closure's Jacobian: no forward columns to pay for
         return (deterministic and n <= self.dense_max_params
                 and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
 
@@ -545,6 +549,17 @@ class HessianFree(torch.optim.Optimizer):
         if self.solver == "auto" and not deterministic:
             return None
         return output_hessian_scale(ev.curvature)
+
+    def _dense_from_jacobian(self, params: list[Tensor], ev: Evaluation, reducer: Reducer | None) -> Tensor | None:
+        """B = c JᵀJ from the closure's Jacobian where it gives one (L'' = cI, one process):
+        per point by ``torch.func`` it costs far less than B's n forward columns."""
+        if self._jacobian is None or reducer is not None or ev.separate_gradient:
+            return None
+        c = output_hessian_scale(ev.curvature)
+        if c is None:
+            return None
+        J = self._outputs_jacobian(params, ev)
+        return c * (J.t() @ J)
 
     def _outputs_jacobian(self, params: list[Tensor], ev: Evaluation) -> Tensor:
         """The curvature closure's J (M × n), checked against the outputs and the parameters."""
