@@ -518,7 +518,8 @@ class HessianFree(torch.optim.Optimizer):
         """Whether line 4 solves the damped system exactly (:mod:`torch_hf.dense`): always
         with ``solver="dense"``; with ``"auto"`` on a deterministic objective of at most
         ``dense_max_params`` parameters once the last CG cost more products than the dense
-        matrix would (the damping must turn out diagonal: checked once it is prepared)."""
+        matrix would, or at once when the closure gives its Jacobian (B = c JᵀJ then needs
+        no forward columns); the damping must turn out diagonal: checked once it is prepared."""
         if self.solver == "cg":
             return False
         if self.solver == "dense":
