@@ -56,8 +56,8 @@ DEFAULT_TIME_BUDGET = 120.0
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 SCORE = {"regression": "test MSE", "pinn": "relative L2 error", "reaction_diffusion": "relative L2 error"}
 # What the default job printed on a 2-core CPU (docs/scientific.md has the command and the run).
-EXPECTED = ("Expected at 120 s (2-core x86 CPU, docs/scientific.md): HF 6e-5 to 1e-4, L-BFGS about 2.8e-4 (it "
-            "stalls after about 45 s), Adam 5e-3 to 1e-2: HF 3-4.5x below L-BFGS and 70-85x below Adam.")
+EXPECTED = ("Expected at 120 s (2-core x86 CPU, docs/scientific.md): HF about 5e-7, L-BFGS about 2.8e-4 (it "
+            "stalls after about 45 s), Adam 5e-3 to 1e-2: HF some 500x below L-BFGS and 10,000x below Adam.")
 
 
 def mlp(width: int = 32, depth: int = 2, generator_seed: int = 0) -> nn.Sequential:
