@@ -313,3 +313,25 @@ def test_with_more_residuals_than_parameters_the_jacobian_gives_the_dense_matrix
         opt.step(pde)
         solvers.append(opt.last_step.solver)
     assert solvers == ["cg", "dense", "dense"]
+
+
+def test_with_the_jacobian_the_exact_step_is_taken_on_fresh_points_every_step_too():
+    """Points drawn afresh each step (a stochastic objective, as the heat benchmark's): with
+    the residuals' Jacobian the defaults take the residual-space step from the second step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    model, _, _ = _poisson()
+    opt = torch_hf.HessianFree(model.parameters())
+    solvers, regimes = [], []
+    for seed in range(4):
+        _, pde, _ = _poisson(seed=seed)
+        pde.model = model  # the same network, new points
+        opt.step(pde)
+        solvers.append(opt.last_step.solver)
+        regimes.append(opt.last_step.regime)
+    assert solvers == ["cg", "residual", "residual", "residual"]
+    assert regimes[-1] == "stochastic"

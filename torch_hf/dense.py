@@ -16,7 +16,7 @@ When the closure also gives its outputs' Jacobian J (M × n, ``closure.jacobian(
 (L'' = cI), the same system is solved in residual space, :func:`residual_solve`: one
 Cholesky of the M × M matrix c JJᵀ + sI instead of n × n, whatever n is (with M ≥ n the
 n × n matrix is built as c JᵀJ, without forward columns; either way the defaults take the
-dense step as soon as the objective is known to be deterministic). On the benchmark's
+dense step from the second step on). On the benchmark's
 9,873-parameter Poisson network with 1,020 residuals this takes the exact Gauss-Newton step
 in about 0.6 s of one CPU thread, where CG capped at 250 products took 4.7 s and fell short.
 """

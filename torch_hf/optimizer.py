@@ -518,14 +518,15 @@ class HessianFree(torch.optim.Optimizer):
         """Whether line 4 solves the damped system exactly (:mod:`torch_hf.dense`): always
         with ``solver="dense"``; with ``"auto"`` on a deterministic objective of at most
         ``dense_max_params`` parameters once the last CG cost more products than the dense
-        matrix would, or at once when the closure gives its Jacobian (B = c JᵀJ then needs
-        no forward columns); the damping must turn out diagonal: checked once it is prepared."""
+        matrix would, or from the second step on, whatever the regime, when the closure gives
+        its Jacobian (B = c JᵀJ then needs no forward columns); the damping must turn out
+        diagonal: checked once it is prepared."""
         if self.solver == "cg":
             return False
         if self.solver == "dense":
             return True
         n = sum(p.numel() for p in params)
-        if deterministic and n <= self.dense_max_params and self._jacobian is not None:
+        if self._jacobian is not None and state.get("step", 0) >= 1 and n <= self.dense_max_params:
             return True  # B = c JᵀJ from the closure's Jacobian: no forward columns to pay for
         return (deterministic and n <= self.dense_max_params
                 and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
@@ -536,10 +537,11 @@ class HessianFree(torch.optim.Optimizer):
         ``None``: the curvature closure gives its outputs' Jacobian (``closure.jacobian``,
         :class:`torch_hf.residuals.PointwiseResiduals`), its M outputs are fewer than the n
         parameters, L'' = cI, the gradient is the curvature batch's with no weight decay, one
-        process; with ``solver="auto"`` also a deterministic objective (:mod:`torch_hf.regime`;
-        a closure that offers J is taken to want it used: it costs about 0.13 products per row
-        on the benchmark's Poisson network, a few CG iterations' worth). The damping must turn
-        out λI (checked once it is prepared)."""
+        process; with ``solver="auto"`` from the second step on, whatever the regime (a
+        closure that offers J is taken to want it used: it costs about 0.13 products per row
+        on the benchmark's Poisson network, a few CG iterations' worth; on the benchmark's
+        heat problem, whose points are drawn afresh every step, these steps reached 2.4e-5
+        where CG stayed near 1e-2). The damping must turn out λI (checked once it is prepared)."""
         if self.solver == "cg" or self._jacobian is None or reducer is not None or decay.active \
                 or ev.separate_gradient:
             return None
@@ -547,7 +549,7 @@ class HessianFree(torch.optim.Optimizer):
         m, n = sum(o.numel() for o in outputs), sum(p.numel() for p in params)
         if not 0 < m < n:
             return None
-        if self.solver == "auto" and not deterministic:
+        if self.solver == "auto" and state.get("step", 0) < 1:  # the first step runs CG
             return None
         return output_hessian_scale(ev.curvature)
 
