@@ -18,9 +18,10 @@ Both problems are full-batch, float64, with a tanh MLP 2-32-32-1 (PyTorch's defa
 * ``regression``: fit u*(x, y) = sin(πx)·cos(πy) + ½·sin(2πxy) on [-1, 1]² from 2000
   random points; the score is the MSE on 2000 other points (``test_error``).
 
-Optimizers: ``hf`` (torch_hf.HessianFree with the library's defaults, which see that the
-problem is full-batch and choose CG's rule and, for a small network, the exact dense
-solve themselves), ``engd`` (a Gauss-Newton step with fixed λ = 1e-10 and a line search,
+Optimizers: ``hf`` (torch_hf.HessianFree with the library's defaults; the PINNs hand it their
+residuals point by point, ``torch_hf.residuals.PointwiseResiduals``, so from the second step
+it solves each Gauss-Newton step exactly, in residual space when the residuals are fewer than
+the parameters), ``engd`` (a Gauss-Newton step with fixed λ = 1e-10 and a line search,
 as Dangel et al. ran ENGD), ``adam`` (``--lr``),
 ``lbfgs`` (``torch.optim.LBFGS`` with strong Wolfe line search, the usual second-order
 baseline of the PINN literature), or ``all`` (the default): HF, Adam at 1e-3, 3e-3 and
