@@ -382,7 +382,7 @@ class HessianFree(torch.optim.Optimizer):
         deterministic = regime.deterministic(state)
         cg_stop = self.cg.stop if self.cg.stop != "auto" else ("progress" if deterministic else "rate")
         dense = self._use_dense(params, deterministic, state)
-        residual = self._residual_space(ev, params, deterministic, state, decay, reducer)  # c of L'' = cI, or None
+        residual = self._residual_space(ev, params, state, decay, reducer)  # c of L'' = cI, or None
         with _timed(times, "preconditioner"):  # line 3
             lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer,
                                                              not (dense or residual is not None))
@@ -531,8 +531,8 @@ class HessianFree(torch.optim.Optimizer):
         return (deterministic and n <= self.dense_max_params
                 and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
 
-    def _residual_space(self, ev: Evaluation, params: list[Tensor], deterministic: bool, state: dict,
-                        decay: WeightDecay, reducer: Reducer | None) -> float | None:
+    def _residual_space(self, ev: Evaluation, params: list[Tensor], state: dict, decay: WeightDecay,
+                        reducer: Reducer | None) -> float | None:
         """c when line 4 solves in residual space (:func:`torch_hf.dense.residual_solve`), else
         ``None``: the curvature closure gives its outputs' Jacobian (``closure.jacobian``,
         :class:`torch_hf.residuals.PointwiseResiduals`), its M outputs are fewer than the n
