@@ -371,14 +371,15 @@ def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.M
     if hasattr(problem, "advance"):  # a problem that draws fresh points every few steps
         problem.advance()
 
-    # HF and ENGD get the residuals point by point where the problem has them: a closure that
-    # also gives the residuals' Jacobian, for the exact solve in residual space.
+    # HF and ENGD get a closure that offers the residuals' Jacobian (its ``jacobian``, point by
+    # point), which the optimizer takes as a wish for the exact solve whatever the regime; it
+    # reads J off the batched closure's graph, and falls back to the point-by-point J.
     pointwise = problem.pointwise(model) if name in ("hf", "engd") and hasattr(problem, "pointwise") else None
 
     def closure():
         evals[0] += 1
         if name in ("hf", "engd"):
-            return pointwise() if pointwise is not None else problem.loss(model)
+            return problem.loss(model)
         opt.zero_grad(set_to_none=True)
         loss = problem.loss(model)[0]
         loss.backward()

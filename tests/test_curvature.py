@@ -275,3 +275,77 @@ def test_standard_pytorch_closure_gets_the_contract_in_the_error():
     with pytest.raises(ClosureError, match=r"(?s)returned only the loss.*return loss_fn\(outputs, y\), outputs"):
         opt.step(loss_only)
     assert all(p.grad is not None for p in model.parameters())  # only the user's own backward() wrote them
+
+
+# -- the outputs' Jacobian read off the graph (torch_hf.curvature.jacobian) -----------------
+
+def _reference_jacobian(model, fn):
+    """∂fn(θ)/∂θ by torch.autograd.functional on the flat parameters (dense, float64)."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach()
+
+    def of_flat(flat):
+        views, i = {}, 0
+        for name, p in zip(names, params):
+            views[name] = flat[i:i + p.numel()].view_as(p)
+            i += p.numel()
+        return fn(lambda x: functional_call(model, views, (x,)))
+
+    return torch.autograd.functional.jacobian(of_flat, theta)
+
+
+def test_graph_jacobian_of_a_pinn_closure_is_the_dense_jacobian():
+    """A weight used in the Laplacian's several passes (create_graph) and a residual vector
+    made of two terms: J read off the graph equals the dense Jacobian to rounding."""
+    import math
+
+    from torch_hf.curvature.jacobian import graph_jacobian
+    from torch_hf.residuals import laplacian, residual_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    x, xb = torch.rand(13, 2, generator=g, dtype=torch.float64), torch.rand(7, 2, generator=g, dtype=torch.float64)
+    f = torch.sin(math.pi * x[:, 0])
+
+    def residuals(m):
+        _, lap = laplacian(m, x)
+        return residual_loss(-lap - f, m(xb).squeeze(-1), weights=[1.0, 3.0])[1]
+
+    J = graph_jacobian(residuals(model), list(model.parameters()))
+    want = _reference_jacobian(model, residuals)
+    assert J is not None and J.shape == want.shape == (20, sum(p.numel() for p in model.parameters()))
+    assert float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_graph_jacobian_of_vmapped_pointwise_residuals_is_their_jacobian():
+    from torch_hf.curvature.jacobian import graph_jacobian
+    from test_residuals import _poisson
+
+    model, pde, _ = _poisson(width=8, n_int=20, n_bnd=8)
+    J = graph_jacobian(pde()[1], list(model.parameters()))
+    want = pde.jacobian()
+    assert J is not None and float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_graph_jacobian_refuses_graphs_that_are_not_case_by_case():
+    """Cases that interact (an output minus the batch mean), and a weight used otherwise than
+    in a matrix product (an elementwise scale): ``None``, never a wrong J."""
+    from torch_hf.curvature.jacobian import graph_jacobian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    z = model(x).squeeze(-1)
+    assert graph_jacobian(z - z.mean(), params) is None
+    scale = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    hidden = torch.tanh(model[0](x)) * scale
+    assert graph_jacobian(model[2](hidden).squeeze(-1), params + [scale]) is None
+    assert graph_jacobian(model(x).squeeze(-1), params, max_entries=10) is None  # too large
+    J = graph_jacobian(model(x).squeeze(-1), params)  # the plain case is read
+    want = _reference_jacobian(model, lambda m: m(x).squeeze(-1))
+    assert J is not None and float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())

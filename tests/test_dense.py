@@ -109,6 +109,7 @@ def test_an_hf_step_with_the_dense_solve_is_the_gauss_newton_step_of_cg_run_to_c
 
 def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve(monkeypatch):
     monkeypatch.setattr(torch_hf.optimizer, "GAUSS_NEWTON_LINE_SEARCH", (0.5, 1))  # one try: rejections happen
+    monkeypatch.setattr(torch_hf.optimizer, "GAUSS_NEWTON_FALLBACK_ALPHA", 0.0)  # no damped step in the same step
     w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
 
     def closure():  # Rosenbrock's residuals from the classic start: full Gauss-Newton steps fail there
@@ -128,6 +129,36 @@ def test_a_rejected_gauss_newton_step_hands_the_next_step_to_the_damped_solve(mo
         assert opt.state[w]["dense_step"] == expected
     assert ("gauss-newton", False) in modes and ("levenberg-marquardt", True) in modes
     assert float(closure()[0].detach()) < 1e-10
+
+
+def test_a_gauss_newton_step_that_needs_a_short_length_is_offered_the_damped_step(monkeypatch):
+    """Rosenbrock's residuals from the classic start, where full Gauss-Newton steps fail.
+    A Gauss-Newton step whose line search ends below GAUSS_NEWTON_FALLBACK_ALPHA is offered
+    the damped step too (λ then follows the damped step's ρ), and the step taken is the
+    lower of the two; the run still ends at the minimum."""
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+
+    def closure():
+        r = torch.stack([10 * (w[1] - w[0] ** 2), 1 - w[0]])
+        return (r ** 2).sum(), r
+
+    taken = {}
+    for threshold in (0.0, 1.1):  # never offered; always offered
+        monkeypatch.setattr(torch_hf.optimizer, "GAUSS_NEWTON_FALLBACK_ALPHA", threshold)
+        with torch.no_grad():
+            w.copy_(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+        opt = torch_hf.HessianFree([w], solver="dense")
+        losses, lams = [], []
+        for _ in range(12):
+            opt.step(closure)
+            losses.append(opt.last_step.loss_after if opt.last_step.accepted else opt.last_step.loss_before)
+            lams.append(opt.damping.value)
+        taken[threshold] = (losses, lams)
+        assert float(closure()[0].detach()) < 1e-10
+    (never, lam_never), (always, lam_always) = taken[0.0], taken[1.1]
+    assert len(set(lam_never)) == 1  # Gauss-Newton steps leave λ alone
+    assert len(set(lam_always)) > 1  # the damped step offered each step moves λ with its ρ
+    assert always[0] <= never[0]  # the lower of the two steps is taken
 
 
 def test_the_hessian_falls_back_to_cg_where_it_is_indefinite():
@@ -275,7 +306,7 @@ def test_a_jacobian_of_the_wrong_shape_is_named():
         return pde()
 
     closure.jacobian = lambda params: pde.jacobian(params)[:-1]
-    opt = torch_hf.HessianFree(model.parameters(), solver="dense")
+    opt = torch_hf.HessianFree(model.parameters(), solver="dense", jacobian="closure")
     with pytest.raises(ValueError, match="jacobian"):
         opt.step(closure)
 
@@ -335,3 +366,85 @@ def test_with_the_jacobian_the_exact_step_is_taken_on_fresh_points_every_step_to
         regimes.append(opt.last_step.regime)
     assert solvers == ["cg", "residual", "residual", "residual"]
     assert regimes[-1] == "stochastic"
+
+
+def _batched_poisson(seed=0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    return _poisson(seed=seed)
+
+
+def test_a_plain_residual_closure_gets_the_exact_step_once_deterministic():
+    """No ``jacobian`` attribute: J is read off the closure's graph
+    (torch_hf.curvature.jacobian) once the objective is known to be deterministic, and the
+    step is the one the closure's own J gives; ``jacobian="off"`` keeps CG."""
+    model, pde, batched = _batched_poisson()
+    opt = torch_hf.HessianFree(model.parameters())
+    solvers = []
+    for _ in range(6):
+        opt.step(batched)
+        solvers.append(opt.last_step.solver)
+    first = solvers.index("residual")
+    assert first >= regime.CONFIRMATIONS and all(s == "residual" for s in solvers[first:])
+    assert opt._jacobian_buffer is not None  # J came from the graph: the closure has none
+    # The same step from the graph's J and from the closure's own J.
+    moved = {}
+    for source in ("graph", "closure"):
+        model, pde, batched = _batched_poisson()
+
+        def closure():
+            return batched()
+
+        closure.jacobian = pde.jacobian
+        opt = torch_hf.HessianFree(model.parameters(), solver="dense", jacobian=source, line_search_c=None)
+        opt._state()["dense_step"] = "levenberg-marquardt"  # the damped step: well conditioned
+        theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        opt.step(closure)
+        assert opt.last_step.solver == "residual"
+        assert (opt._jacobian_buffer is not None) == (source == "graph")
+        moved[source] = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
+    assert float((moved["graph"] - moved["closure"]).norm() / moved["closure"].norm()) <= 1e-10
+    model, _, batched = _batched_poisson()
+    opt = torch_hf.HessianFree(model.parameters(), jacobian="off")
+    for _ in range(6):
+        opt.step(batched)
+        assert opt.last_step.solver == "cg"
+
+
+def test_jacobian_graph_takes_the_exact_step_on_fresh_points_and_cg_where_the_graph_refuses(caplog):
+    from torch_hf.residuals import laplacian, residual_loss
+
+    model, _, _ = _batched_poisson()
+    opt = torch_hf.HessianFree(model.parameters(), jacobian="graph")
+    solvers = []
+    for seed in range(3):  # fresh points every step: a stochastic objective
+        g = torch.Generator().manual_seed(seed)
+        x, xb = torch.rand(40, 2, generator=g, dtype=torch.float64), torch.rand(10, 2, generator=g, dtype=torch.float64)
+
+        def closure(x=x, xb=xb):
+            _, lap = laplacian(model, x)
+            return residual_loss(-lap - 1.0, model(xb).squeeze(-1))
+        opt.step(closure)
+        solvers.append(opt.last_step.solver)
+    assert solvers == ["cg", "residual", "residual"]
+    opt = torch_hf.HessianFree(model.parameters(), jacobian="graph")
+
+    def mixing():  # the cases interact through the mean: J is not read off the graph
+        z = model(x).squeeze(-1)
+        return residual_loss(z - z.mean() - 1.0)
+
+    with caplog.at_level("INFO", logger="torch_hf"):
+        for _ in range(3):
+            opt.step(mixing)
+            assert opt.last_step.solver == "cg"
+    assert "cannot be read off the closure's graph" in caplog.text
+    assert opt._graph_jacobian_failed
+
+
+def test_bad_jacobian_option_is_named():
+    with pytest.raises(ValueError, match="jacobian"):
+        torch_hf.HessianFree([nn.Parameter(torch.zeros(2))], jacobian="yes")

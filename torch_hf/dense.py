@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .cg import CGResult
 
-__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_LINE_SEARCH",
-           "dense_matrix", "dense_solve", "residual_solve", "output_hessian_scale"]
+__all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_FALLBACK_ALPHA", "GAUSS_NEWTON_LINE_SEARCH",
+           "dense_matrix", "dense_solve", "gram", "residual_solve", "output_hessian_scale"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
 # (benchmarks/dense_solve.py, CPU, one thread: 0.27 on the 2-64-1 PINN of 1,020 residuals,
@@ -53,6 +53,11 @@ GAUSS_NEWTON_DAMPING = 1e-9
 # far): on that instance the full step overshoots with ρ near −1500, and the default
 # search (×0.8, 20 tries, α ≥ 0.012) rejects it where α ≈ 1e-3 would pass.
 GAUSS_NEWTON_LINE_SEARCH = (0.5, 30)  # (β, most evaluations)
+# A Gauss-Newton step whose line search ends below this α is offered the damped step
+# (λ of the Levenberg-Marquardt rule) too, and the lower of the two is taken: far from a
+# solution the undamped direction can need α ≈ 1e-6 for many steps (a reaction-diffusion
+# PINN of 10,000 points, docs/scientific.md).
+GAUSS_NEWTON_FALLBACK_ALPHA = 1e-2
 # Two variants measured worse and left out (docs/scientific.md): offering the damped and the
 # Gauss-Newton step side by side and taking the lower (the run stays on damped steps: 17×
 # behind at 120 s on a small reaction-diffusion PINN), or the Gauss-Newton step when it
@@ -65,7 +70,7 @@ def output_hessian_scale(curvature: Any) -> float | None:
     read from one product with L'' on a probe whose entries all differ (a non-uniform
     diagonal or a coupling of outputs changes its shape), else ``None``."""
     outputs = getattr(curvature, "outputs", None)
-    if outputs is None or len(outputs) != 1 or getattr(curvature, "extras", ()):
+    if outputs is None or len(outputs) != 1 or getattr(curvature, "extras", ()) or not hasattr(curvature, "loss_hvp"):
         return None
     z = outputs[0]
     probe = torch.linspace(0.5, 1.5, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape)
@@ -74,13 +79,31 @@ def output_hessian_scale(curvature: Any) -> float | None:
     return c if c > 0 and torch.allclose(h, c * probe, rtol=1e-12, atol=0.0) else None
 
 
-def residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, grad: Tensor) -> CGResult | None:
+def gram(J: Tensor) -> Tensor:
+    """K = J Jᵀ (M × M), the upper triangle by row blocks and mirrored: about 56 % of the
+    multiply-adds of ``J @ J.t()`` (28.8 s against 48.3 s for the heat benchmark's
+    3,500 × 116,865 J on one CPU thread)."""
+    m = J.shape[0]
+    blocks = max(1, min(8, m // 256))
+    if blocks == 1:
+        return J @ J.t()
+    K = torch.empty(m, m, dtype=J.dtype, device=J.device)
+    edges = [round(m * i / blocks) for i in range(blocks + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        K[a:b, a:] = J[a:b] @ J[a:].t()
+        K[a:, a:b] = K[a:b, a:].t()
+    return K
+
+
+def residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, grad: Tensor,
+                   K: Tensor | None = None) -> CGResult | None:
     """δ = −(c JᵀJ + sI)⁻¹∇f in residual space, for B = c JᵀJ (M outputs, M < n parameters)
     and ∇f = Jᵀu with u = ∂L/∂z (``output_grad``, no weight decay): by the push-through
     identity (c JᵀJ + sI)⁻¹Jᵀ = Jᵀ(c JJᵀ + sI)⁻¹, δ = −Jᵀ(c JJᵀ + sI)⁻¹u, one Cholesky of an
-    M × M matrix (Dangel et al.'s ENGD made scalable, a Woodbury form). Returned as
-    :func:`dense_solve` returns it, q(δ) = ½ ∇fᵀδ; ``None`` when not positive definite."""
-    K = c * (J @ J.t())
+    M × M matrix (Dangel et al.'s ENGD made scalable, a Woodbury form). ``K`` is J Jᵀ when
+    the caller has it (:func:`gram`). Returned as :func:`dense_solve` returns it,
+    q(δ) = ½ ∇fᵀδ; ``None`` when not positive definite."""
+    K = c * (gram(J) if K is None else K)
     K.diagonal().add_(shift)
     L, info = torch.linalg.cholesky_ex(K)
     if int(info) != 0:

@@ -34,12 +34,14 @@ from ._denormals import _denormals_flushed, _flushing_denormals  # noqa: F401 - 
 from .checkpoint import STATE_VERSION, load_own_state, own_state, split_state_dict  # noqa: F401
 from .config import GROUP_KEYS, CGConfig, LineSearchConfig, check_options, check_parts
 from .curvature import GGN, CurvatureOperator, Hessian
+from .cg import CGResult
 from .curvature.capture import CapturedProduct
+from .curvature.jacobian import GRAPH_JACOBIAN_MAX_ENTRIES, graph_jacobian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
-from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_LINE_SEARCH,
-                    dense_matrix, dense_solve, output_hessian_scale, residual_solve)
+from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_FALLBACK_ALPHA, GAUSS_NEWTON_LINE_SEARCH,
+                    dense_matrix, dense_solve, gram, output_hessian_scale, residual_solve)
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -127,6 +129,17 @@ class HessianFree(torch.optim.Optimizer):
         dense_max_params: the most parameters ``solver="auto"`` solves densely (4096: the
             n³/3-flop factorisation and the n² matrix stay below about a second and
             128 MiB in float64).
+        jacobian: where the exact solves of ``solver="auto"`` get the outputs' Jacobian J
+            (M × n) for B = c JᵀJ when L'' = cI (:mod:`torch_hf.dense`): ``"auto"``
+            (default) reads J off the closure's autograd graph when the outputs are
+            computed case by case (:mod:`torch_hf.curvature.jacobian`: three backward
+            passes), falling back to the closure's ``jacobian`` attribute
+            (:class:`torch_hf.residuals.PointwiseResiduals`), for a closure that has that
+            attribute whatever the regime, and for any other on a deterministic objective;
+            ``"graph"``: from the graph whatever the regime; ``"closure"``: only the
+            closure's attribute; ``"off"``: never (CG, or the dense matrix from products).
+            J read from the graph is used only while it has at most 2²⁹ entries (4 GiB
+            in float64).
         cuda_graphs: replay the curvature products of a step from a CUDA graph
             (:mod:`torch_hf.curvature.capture`): the first product runs as usual, the
             second is captured, the rest replay it, with the same result; the step then
@@ -184,6 +197,7 @@ class HessianFree(torch.optim.Optimizer):
         solver: str = "auto",
         dense_max_params: int = 4096,
         cuda_graphs: bool | None = None,
+        jacobian: str = "auto",
     ) -> None:
         if curvature not in ("ggn", "hessian") and not (isinstance(curvature, type)
                                                        and issubclass(curvature, CurvatureOperator)):
@@ -194,6 +208,11 @@ class HessianFree(torch.optim.Optimizer):
         check_options(lr, weight_decay, recompute, curvature, autocast_dtype, generator, history_size,
                       curvature_batch, solver, dense_max_params)
         self.solver, self.dense_max_params = solver, dense_max_params
+        if jacobian not in ("auto", "graph", "closure", "off"):
+            raise ValueError(f"Invalid jacobian: {jacobian!r} (must be 'auto', 'graph', 'closure' or 'off')")
+        self.jacobian = jacobian
+        self._graph_jacobian_failed = False  # the graph was found not case by case: not read again
+        self._jacobian_buffer: Tensor | None = None  # J's memory, kept from step to step
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
@@ -381,8 +400,8 @@ class HessianFree(torch.optim.Optimizer):
         regime.observe(state, ev.f, ev.resolution)
         deterministic = regime.deterministic(state)
         cg_stop = self.cg.stop if self.cg.stop != "auto" else ("progress" if deterministic else "rate")
-        dense = self._use_dense(params, deterministic, state)
-        residual = self._residual_space(ev, params, state, decay, reducer)  # c of L'' = cI, or None
+        dense = self._use_dense(params, deterministic, state, ev)
+        residual = self._residual_space(ev, params, state, decay, reducer, deterministic)  # c of L'' = cI, or None
         with _timed(times, "preconditioner"):  # line 3
             lam, A = self.damping.value, self._damped_system(ev, params, decay, reducer,
                                                              not (dense or residual is not None))
@@ -400,19 +419,23 @@ class HessianFree(torch.optim.Optimizer):
             if dense:
                 if residual is not None:
                     J = self._outputs_jacobian(params, ev)
-                    mean_diagonal = residual * float((J * J).sum()) / J.shape[1]  # of B = c JᵀJ
+                    K = gram(J) if J is not None else None
+                    mean_diagonal = residual * float(K.trace()) / J.shape[1] if J is not None else 1.0
                 else:
                     B = self._dense_from_jacobian(params, ev, reducer)
-                    if B is None:
+                    if B is None and self._dense_by_columns(ev.grad.numel(), deterministic, state):
                         B = dense_matrix(ev.curvature, reducer)
-                    mean_diagonal = float(B.diagonal().mean())
+                    mean_diagonal = float(B.diagonal().mean()) if B is not None else 1.0
+                def exact(shift: float | Tensor) -> CGResult | None:
+                    if residual is not None:
+                        return None if J is None else residual_solve(J, residual, shift, ev.curvature.output_grads[0],
+                                                                     ev.grad, K)
+                    return None if B is None else dense_solve(B, shift, decay.diagonal(), ev.grad)
+
                 shift = self.damping.diagonal()
                 if state.get("dense_step", "gauss-newton") == "gauss-newton":
                     gauss_newton = shift = GAUSS_NEWTON_DAMPING * max(mean_diagonal, 1e-300)
-                if residual is not None:
-                    result = residual_solve(J, residual, shift, ev.curvature.output_grads[0], ev.grad)
-                else:
-                    result = dense_solve(B, shift, decay.diagonal(), ev.grad)
+                result = exact(shift)
                 if result is None:
                     logger.info("torch_hf: the damped curvature matrix is not positive definite; CG this step")
                     self._update_preconditioner(ev, decay, reducer)
@@ -444,6 +467,26 @@ class HessianFree(torch.optim.Optimizer):
                 search = dataclasses.replace(search, beta=GAUSS_NEWTON_LINE_SEARCH[0],
                                              max_evals=max(search.max_evals, GAUSS_NEWTON_LINE_SEARCH[1]))
             alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, search, informative)  # line 7
+            if gauss_newton is not None and result.stop_reason == "dense" and alpha < GAUSS_NEWTON_FALLBACK_ALPHA:
+                # Far from a solution the Gauss-Newton direction may need α ≈ 1e-6: the damped
+                # step is offered too, and the lower of the two is taken.
+                damped = exact(self.damping.diagonal())
+                if damped is not None:
+                    trial = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)
+                    chosen_d, delta_d, q_d, f_best_d = backtrack(damped, trial, self.cg.backtracking_factor is None)
+                    if self.damping.needs_base_point:
+                        trial.restore()
+                    reduction_d = q_d - self.damping.model_penalty(delta_d, ev.curvature)
+                    rho_d, informative_d = reduction_ratio(reduction_d, f_best_d, ev.f, ev.resolution)
+                    if informative_d:
+                        self.damping.update(rho_d)
+                    alpha_d, f_new_d, slope_d = line_search(trial, ev.grad, delta_d, f_best_d, ev.f, self.line_search,
+                                                            informative_d)
+                    if alpha_d > 0 and (alpha == 0 or f_new_d < f_new):
+                        result, chosen, delta, q_chosen, f_best = damped, chosen_d, delta_d, q_d, f_best_d
+                        model_reduction, rho, informative = reduction_d, rho_d, informative_d
+                        alpha, f_new, slope, gauss_newton = alpha_d, f_new_d, slope_d, None
+                    objective.evaluations += trial.evaluations
         self._last_trial_evaluations = objective.evaluations
         step_scale = self._apply(params, ev.theta0, delta, alpha, result.x, state)  # line 8
         if dense:  # a rejected Gauss-Newton step hands the next step to the damped solve, and back
@@ -514,7 +557,7 @@ class HessianFree(torch.optim.Optimizer):
         self.preconditioner.update(ev.curvature, self.damping.diagonal(), decay.diagonal(),
                                    **({} if reducer is None else {"reduce": reducer}))
 
-    def _use_dense(self, params: list[Tensor], deterministic: bool, state: dict) -> bool:
+    def _use_dense(self, params: list[Tensor], deterministic: bool, state: dict, ev: Evaluation) -> bool:
         """Whether line 4 solves the damped system exactly (:mod:`torch_hf.dense`): always
         with ``solver="dense"``; with ``"auto"`` on a deterministic objective of at most
         ``dense_max_params`` parameters once the last CG cost more products than the dense
@@ -526,26 +569,33 @@ class HessianFree(torch.optim.Optimizer):
         if self.solver == "dense":
             return True
         n = sum(p.numel() for p in params)
-        if self._jacobian is not None and state.get("step", 0) >= 1 and n <= self.dense_max_params:
+        outputs = getattr(ev.curvature, "outputs", ())
+        if state.get("step", 0) >= 1 and n <= self.dense_max_params and self._has_jacobian(deterministic, outputs) \
+                and output_hessian_scale(ev.curvature) is not None:
             return True  # B = c JᵀJ from the closure's Jacobian: no forward columns to pay for
-        return (deterministic and n <= self.dense_max_params
-                and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
+        return self._dense_by_columns(n, deterministic, state)
+
+    def _dense_by_columns(self, n: int, deterministic: bool, state: dict) -> bool:
+        """B from its n forward columns pays: ``solver="dense"``, or a deterministic objective
+        whose last CG cost more products than the columns would."""
+        return self.solver == "dense" or (deterministic and n <= self.dense_max_params
+                                          and state.get("cg_products", 0) >= DENSE_PRODUCTS_PER_COLUMN * n)
 
     def _residual_space(self, ev: Evaluation, params: list[Tensor], state: dict, decay: WeightDecay,
-                        reducer: Reducer | None) -> float | None:
+                        reducer: Reducer | None, deterministic: bool) -> float | None:
         """c when line 4 solves in residual space (:func:`torch_hf.dense.residual_solve`), else
-        ``None``: the curvature closure gives its outputs' Jacobian (``closure.jacobian``,
-        :class:`torch_hf.residuals.PointwiseResiduals`), its M outputs are fewer than the n
+        ``None``: the outputs' Jacobian is at hand (read off the graph, or the closure's
+        ``jacobian``, :class:`torch_hf.residuals.PointwiseResiduals`; see ``jacobian``), its M outputs are fewer than the n
         parameters, L'' = cI, the gradient is the curvature batch's with no weight decay, one
         process; with ``solver="auto"`` from the second step on, whatever the regime (a
         closure that offers J is taken to want it used: it costs about 0.13 products per row
         on the benchmark's Poisson network, a few CG iterations' worth; on the benchmark's
         heat problem, whose points are drawn afresh every step, these steps reached 2.4e-5
         where CG stayed near 1e-2). The damping must turn out λI (checked once it is prepared)."""
-        if self.solver == "cg" or self._jacobian is None or reducer is not None or decay.active \
-                or ev.separate_gradient:
-            return None
         outputs = getattr(ev.curvature, "outputs", ())
+        if self.solver == "cg" or not self._has_jacobian(deterministic, outputs) or reducer is not None \
+                or decay.active or ev.separate_gradient:
+            return None
         m, n = sum(o.numel() for o in outputs), sum(p.numel() for p in params)
         if not 0 < m < n:
             return None
@@ -556,16 +606,40 @@ class HessianFree(torch.optim.Optimizer):
     def _dense_from_jacobian(self, params: list[Tensor], ev: Evaluation, reducer: Reducer | None) -> Tensor | None:
         """B = c JᵀJ from the closure's Jacobian where it gives one (L'' = cI, one process):
         per point by ``torch.func`` it costs far less than B's n forward columns."""
-        if self._jacobian is None or reducer is not None or ev.separate_gradient:
+        if reducer is not None or ev.separate_gradient:
             return None
         c = output_hessian_scale(ev.curvature)
         if c is None:
             return None
         J = self._outputs_jacobian(params, ev)
-        return c * (J.t() @ J)
+        return None if J is None else c * gram(J.t())
 
-    def _outputs_jacobian(self, params: list[Tensor], ev: Evaluation) -> Tensor:
-        """The curvature closure's J (M × n), checked against the outputs and the parameters."""
+    def _has_jacobian(self, deterministic: bool, outputs: tuple) -> bool:
+        """Whether this step may ask :meth:`_outputs_jacobian` for J (see ``jacobian``)."""
+        if self.jacobian == "off":
+            return False
+        if self._jacobian is not None:
+            return True
+        if self.jacobian == "closure" or self._graph_jacobian_failed or len(outputs) != 1:
+            return False
+        m, n = outputs[0].numel(), sum(p.numel() for p in self._params())
+        return m * n <= GRAPH_JACOBIAN_MAX_ENTRIES and (self.jacobian == "graph" or deterministic)
+
+    def _outputs_jacobian(self, params: list[Tensor], ev: Evaluation) -> Tensor | None:
+        """J (M × n): read off the closure's graph (:func:`~torch_hf.curvature.jacobian.graph_jacobian`),
+        else the curvature closure's ``jacobian``, checked against the outputs and the
+        parameters; ``None`` when neither gives it."""
+        outputs = ev.curvature.outputs
+        if self.jacobian != "closure" and not self._graph_jacobian_failed and len(outputs) == 1:
+            J = graph_jacobian(outputs[0], params, GRAPH_JACOBIAN_MAX_ENTRIES, self._jacobian_buffer)
+            if J is not None:
+                self._jacobian_buffer = J
+                return J
+            self._graph_jacobian_failed = True
+            logger.info("torch_hf: the outputs' Jacobian cannot be read off the closure's graph; %s",
+                        "the closure's jacobian is used" if self._jacobian is not None else "CG")
+        if self._jacobian is None:
+            return None
         J = self._jacobian(params)
         m, n = sum(o.numel() for o in ev.curvature.outputs), sum(p.numel() for p in params)
         if not isinstance(J, Tensor) or tuple(J.shape) != (m, n):

@@ -140,3 +140,86 @@ def _matmul_parts(node) -> tuple | None:
     except (AttributeError, RuntimeError):
         return None
     return None
+
+
+_VIEWS = frozenset({"AliasBackward0", "ViewBackward0", "UnsafeViewBackward0", "TBackward0"})
+
+
+def parameter_uses(outputs: tuple[Tensor, ...], params: list[Tensor]) -> list[tuple] | None:
+    """Every use of every parameter in the graph of ``outputs``, each one a node whose
+    output rows can be cases: ``[(node, kind, param_index, transposed, scale)]`` with ``kind``
+
+    * ``"mm"``: ``Y = A @ (s·P)`` (``AddmmBackward0``/``MmBackward0``, P the parameter or
+      its transpose when ``transposed``, reached through views and products with a number
+      s, ``scale``), A the node's saved left factor;
+    * ``"bias"``: ``Y = X + s·b`` with ``b`` a 1-D parameter broadcast over rows
+      (``AddBackward0``, or the bias of ``AddmmBackward0``).
+
+    ``None`` when some parameter is reached any other way (a convolution, a scale, a
+    reshaped weight): the per-case Jacobian is then not read from the graph."""
+    index = {id(p): i for i, p in enumerate(params)}
+    nodes = list(walk(node_of(o) for o in outputs))
+    parents: dict[int, list[tuple]] = {}  # node id -> [(parent node, input position)]
+    for node in nodes:
+        for position, (child, _) in enumerate(node.next_functions):
+            if child is not None:
+                parents.setdefault(id(child), []).append((node, position))
+    leaves = {}
+    for node in nodes:
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in index:
+            leaves[index[id(var)]] = node
+    if len(leaves) != len(params):
+        return None  # a parameter the outputs do not reach: its columns would be zero, but say so
+    uses = []
+    for i, leaf in leaves.items():
+        stack = [(leaf, False, 1.0)]
+        while stack:
+            node, transposed, scale = stack.pop()
+            for parent, position in parents.get(id(node), []):
+                kind = type(parent).__name__
+                if kind in _VIEWS:
+                    stack.append((parent, transposed ^ (kind == "TBackward0"), scale))
+                    continue
+                factor = _number(parent) if kind == "MulBackward1" else None  # vmap writes b·1
+                if factor is not None:
+                    stack.append((parent, transposed, scale * factor))
+                    continue
+                use = _use_kind(parent, kind, position, params[i], transposed)
+                if use is None:
+                    return None
+                uses.append((parent, use, i, transposed, scale))
+    return uses
+
+
+def _number(node) -> float | None:
+    try:
+        other = node._saved_other
+    except (AttributeError, RuntimeError):
+        return None
+    if isinstance(other, (int, float)):
+        return float(other)
+    return float(other) if isinstance(other, Tensor) and other.numel() == 1 and other.dim() == 0 else None
+
+
+def _use_kind(node, kind: str, position: int, param: Tensor, transposed: bool) -> str | None:
+    try:
+        if kind == "MmBackward0" and position == 1 or kind == "AddmmBackward0" and position == 2:
+            if kind == "AddmmBackward0" and (node._saved_alpha != 1 or node._saved_beta != 1):
+                return None
+            left = node._saved_self if kind == "MmBackward0" else node._saved_mat1
+            if param.dim() != 2 or left.dim() != 2 or left.shape[1] != param.shape[1 if transposed else 0]:
+                return None
+            return "mm"
+        if param.dim() == 1 and not transposed and (
+                kind == "AddmmBackward0" and position == 0 and node._saved_beta == 1
+                or kind == "AddBackward0" and (position == 0 or node._saved_alpha == 1)):
+            return "bias"
+    except (AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def left_factor(node) -> Tensor:
+    """A of a ``"mm"`` use (``Y = A @ P``)."""
+    return node._saved_self if type(node).__name__ == "MmBackward0" else node._saved_mat1
