@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_clock_option(ap, default="cpu")
     ap.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
     ap.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations (default budget/60)")
+    ap.add_argument("--points", type=int, default=None,
+                    help="interior collocation points of pinn / reaction_diffusion (default 900 / 1000)")
+    ap.add_argument("--closure", choices=("pointwise", "batched"), default="pointwise",
+                    help="HF: a closure that also offers the residuals' Jacobian point by point where the "
+                         "problem has it (default), or the plain batched closure a user writes with "
+                         "residual_loss (J is then read off its graph once the objective is deterministic)")
     ap.add_argument("--width", type=int, default=32, help="hidden units per layer (default 32)")
     ap.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
     ap.add_argument("--jobs", type=int, default=2,
@@ -277,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    check_args(ap, args, positive=("max_iters", "width", "depth", "threads", "lr", "eval_every", "jobs", "damping"),
+    check_args(ap, args, positive=("max_iters", "points", "width", "depth", "threads", "lr", "eval_every", "jobs",
+                                   "damping"),
                non_negative=("time_budget",))
     if args.time_budget == 0 and not args.max_iters:
         ap.error("give a positive --time-budget or --max-iters")
@@ -333,7 +340,8 @@ def run_many(cfgs: list[dict], jobs: int, progress: bool = True) -> list[dict]:
 def _train(cfg: dict, progress: bool) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    problem = PROBLEMS[cfg["problem"]]()
+    problem = PROBLEMS[cfg["problem"]](**({"n_interior": cfg["points"]} if cfg.get("points") else {}))
+    problem.batched_closure = cfg.get("closure") == "batched"
     # A benchmark instance brings its network (architecture and seeds as published).
     model = problem.model() if hasattr(problem, "model") else mlp(cfg.get("width", 32), cfg.get("depth", 2),
                                                                    cfg.get("seed", 0))
@@ -374,7 +382,8 @@ def _update(name: str, opt: torch.optim.Optimizer, problem: Problem, model: nn.M
     # HF and ENGD get a closure that offers the residuals' Jacobian (its ``jacobian``, point by
     # point), which the optimizer takes as a wish for the exact solve whatever the regime; it
     # reads J off the batched closure's graph, and falls back to the point-by-point J.
-    pointwise = problem.pointwise(model) if name in ("hf", "engd") and hasattr(problem, "pointwise") else None
+    pointwise = problem.pointwise(model) if name in ("hf", "engd") and hasattr(problem, "pointwise") \
+        and not getattr(problem, "batched_closure", False) else None
 
     def closure():
         evals[0] += 1

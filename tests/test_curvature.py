@@ -349,3 +349,21 @@ def test_graph_jacobian_refuses_graphs_that_are_not_case_by_case():
     J = graph_jacobian(model(x).squeeze(-1), params)  # the plain case is read
     want = _reference_jacobian(model, lambda m: m(x).squeeze(-1))
     assert J is not None and float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_graph_jacobian_in_float32_matches_float64():
+    from torch_hf.curvature.jacobian import graph_jacobian
+    from torch_hf.residuals import laplacian, residual_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.rand(300, 2, generator=torch.Generator().manual_seed(1))
+    Js = {}
+    for dtype in (torch.float32, torch.float64):
+        model.to(dtype)
+        _, lap = laplacian(model, x.to(dtype))
+        r = residual_loss(lap, model(x.to(dtype)[:40]).squeeze(-1))[1]
+        Js[dtype] = graph_jacobian(r, list(model.parameters()))
+    assert Js[torch.float32] is not None and Js[torch.float32].dtype == torch.float32
+    want = Js[torch.float64]
+    assert float((Js[torch.float32].double() - want).abs().max()) <= 1e-4 * float(want.abs().max())

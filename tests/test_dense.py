@@ -448,3 +448,14 @@ def test_jacobian_graph_takes_the_exact_step_on_fresh_points_and_cg_where_the_gr
 def test_bad_jacobian_option_is_named():
     with pytest.raises(ValueError, match="jacobian"):
         torch_hf.HessianFree([nn.Parameter(torch.zeros(2))], jacobian="yes")
+
+
+def test_gram_by_blocks_is_j_jt():
+    from torch_hf.dense import gram
+
+    g = torch.Generator().manual_seed(0)
+    for m in (5, 700):  # one block; blocks of the upper triangle, mirrored
+        J = torch.randn(m, 40, generator=g, dtype=torch.float64)
+        K = gram(J)
+        assert torch.equal(K, K.t())
+        assert float((K - J @ J.t()).abs().max()) <= 1e-12 * float((J @ J.t()).abs().max())

@@ -40,7 +40,8 @@ from .curvature.jacobian import GRAPH_JACOBIAN_MAX_ENTRIES, graph_jacobian
 from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
-from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_FALLBACK_ALPHA, GAUSS_NEWTON_LINE_SEARCH,
+from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_FALLBACK_ALPHA,
+                    GAUSS_NEWTON_LINE_SEARCH,
                     dense_matrix, dense_solve, gram, output_hessian_scale, residual_solve)
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group

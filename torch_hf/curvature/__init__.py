@@ -33,7 +33,8 @@ contract), :mod:`~torch_hf.curvature.kernels` (the kernel fallback),
 discovery), :mod:`~torch_hf.curvature.base` (:class:`CurvatureOperator`),
 :mod:`~torch_hf.curvature.ggn`, :mod:`~torch_hf.curvature.hessian`, and
 :mod:`~torch_hf.curvature.layers` (per-layer statistics for the preconditioners), and
-:mod:`~torch_hf.curvature.capture` (products replayed from a CUDA graph).
+:mod:`~torch_hf.curvature.capture` (products replayed from a CUDA graph), and
+:mod:`~torch_hf.curvature.jacobian` (the outputs' Jacobian read off the graph).
 """
 from .base import CurvatureOperator
 from .closure import ClosureError, NonFiniteLossError, evaluate_closure
