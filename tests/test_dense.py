@@ -454,8 +454,8 @@ def test_gram_by_blocks_is_j_jt():
     from torch_hf.dense import gram
 
     g = torch.Generator().manual_seed(0)
-    for m in (5, 700):  # one block; blocks of the upper triangle, mirrored
-        J = torch.randn(m, 40, generator=g, dtype=torch.float64)
+    for m, n in ((5, 40), (700, 40), (600, 2500)):  # one block (short J, long J); blocks, mirrored
+        J = torch.randn(m, n, generator=g, dtype=torch.float64)
         K = gram(J)
         assert torch.equal(K, K.t())
         assert float((K - J @ J.t()).abs().max()) <= 1e-12 * float((J @ J.t()).abs().max())

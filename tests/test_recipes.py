@@ -339,6 +339,20 @@ def test_scientific_recipe_runs_every_optimizer_and_writes_one_plot(tmp_path):
     assert f"{results[-1]['final']['test_error']:.2e}" in table.splitlines()[-1]
 
 
+def test_scientific_recipe_takes_the_number_of_points_and_the_plain_batched_closure(tmp_path):
+    """``--points`` sizes the problem; ``--closure batched`` hands HF the closure a user writes
+    (no ``jacobian`` attribute), whose J the optimizer reads off the graph once the
+    objective is known to be deterministic: the later steps are exact residual-space steps."""
+    from recipes import scientific
+
+    (r,) = scientific.main(["--problem", "reaction_diffusion", "--points", "60", "--width", "16",
+                            "--closure", "batched", "--optimizer", "hf", "--max-iters", "6", "--time-budget", "0",
+                            "--eval-every", "1e-9", "--out", str(tmp_path), "--no-progress"])
+    assert r["config"]["points"] == 60 and r["config"]["closure"] == "batched"
+    solvers = [h.get("solver") for h in r["history"] if h.get("solver")]
+    assert solvers[0] == "cg" and solvers[-1] == "residual"
+
+
 def test_scientific_problems_score_the_exact_solution_as_zero():
     import math
 

@@ -22,6 +22,7 @@ in about 0.6 s of one CPU thread, where CG capped at 250 products took 4.7 s and
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -76,11 +77,23 @@ def output_hessian_scale(curvature: Any) -> float | None:
     outputs = getattr(curvature, "outputs", None)
     if outputs is None or len(outputs) != 1 or getattr(curvature, "extras", ()) or not hasattr(curvature, "loss_hvp"):
         return None
+    try:  # a step asks several times about one operator: the probe is read once
+        return _SCALES[curvature]
+    except (KeyError, TypeError):
+        pass
     z = outputs[0]
     probe = torch.linspace(0.5, 1.5, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape)
     h = curvature.loss_hvp((probe,))[0]
     c = float(h.reshape(-1)[0] / probe.reshape(-1)[0])
-    return c if c > 0 and torch.allclose(h, c * probe, rtol=1e-12, atol=0.0) else None
+    c = c if c > 0 and torch.allclose(h, c * probe, rtol=1e-12, atol=0.0) else None
+    try:
+        _SCALES[curvature] = c
+    except TypeError:  # an operator that cannot be weakly referenced: not remembered
+        pass
+    return c
+
+
+_SCALES: "weakref.WeakKeyDictionary[Any, float | None]" = weakref.WeakKeyDictionary()
 
 
 def gram(J: Tensor) -> Tensor:
@@ -88,7 +101,8 @@ def gram(J: Tensor) -> Tensor:
     multiply-adds of ``J @ J.t()`` (28.8 s against 48.3 s for the heat benchmark's
     3,500 × 116,865 J on one CPU thread)."""
     m = J.shape[0]
-    blocks = max(1, min(8, m // 256))
+    # Blocks pay where the products are long (n ≫ M); for a short J the copies cost more.
+    blocks = max(1, min(8, m // 256)) if J.shape[1] >= 4 * m else 1
     if blocks == 1:
         K = J @ J.t()
         return K.triu() + K.triu(1).t()  # symmetric to the bit, as the blocked form
