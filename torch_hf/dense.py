@@ -104,8 +104,7 @@ def gram(J: Tensor) -> Tensor:
     # Blocks pay where the products are long (n ≫ M); for a short J the copies cost more.
     blocks = max(1, min(8, m // 256)) if J.shape[1] >= 4 * m else 1
     if blocks == 1:
-        K = J @ J.t()
-        return K.triu() + K.triu(1).t()  # symmetric to the bit, as the blocked form
+        return J @ J.t()  # symmetric to rounding; the Cholesky reads one triangle
     K = torch.zeros(m, m, dtype=J.dtype, device=J.device)  # the lower blocks are never read, but not garbage
     edges = [round(m * i / blocks) for i in range(blocks + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
