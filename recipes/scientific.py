@@ -15,6 +15,9 @@ Both problems are full-batch, float64, with a tanh MLP 2-32-32-1 (PyTorch's defa
   matrix of the residuals. The score is the relative L2 error of u on a 101×101 grid.
 * ``reaction_diffusion``: a nonlinear, time-dependent PINN, u_t − 0.1 u_xx + u³ = f on
   (0, 1) × (0, 1] with u* = e^{−t} sin(πx) (initial and boundary conditions from u*).
+* ``schrodinger``: the nonlinear Schrödinger equation i h_t + ½ h_xx + |h|² h = 0 for
+  h = u + iv, a system of two equations with a two-output network, the soliton
+  h* = sech(x) e^{it/2} on (−5, 5) × (0, π/2]; HF gets the plain batched closure.
 * ``regression``: fit u*(x, y) = sin(πx)·cos(πy) + ½·sin(2πxy) on [-1, 1]² from 2000
   random points; the score is the MSE on 2000 other points (``test_error``).
 
@@ -55,20 +58,21 @@ from recipes.runner import output_paths as _output_paths  # noqa: E402
 
 DEFAULT_TIME_BUDGET = 120.0
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
-SCORE = {"regression": "test MSE", "pinn": "relative L2 error", "reaction_diffusion": "relative L2 error"}
+SCORE = {"regression": "test MSE", "pinn": "relative L2 error", "reaction_diffusion": "relative L2 error",
+         "schrodinger": "relative L2 error"}
 # What the default job printed on a 2-core CPU (docs/scientific.md has the command and the run).
 EXPECTED = ("Expected at 120 s (2-core x86 CPU, docs/scientific.md): HF about 5e-7, L-BFGS about 2.8e-4 (it "
             "stalls after about 45 s), Adam 5e-3 to 1e-2: HF some 500x below L-BFGS and 10,000x below Adam.")
 
 
-def mlp(width: int = 32, depth: int = 2, generator_seed: int = 0) -> nn.Sequential:
-    """tanh MLP 2-width-…-width-1 in float64 with PyTorch's default initialisation."""
+def mlp(width: int = 32, depth: int = 2, generator_seed: int = 0, outputs: int = 1) -> nn.Sequential:
+    """tanh MLP 2-width-…-width-``outputs`` in float64 with PyTorch's default initialisation."""
     torch.manual_seed(generator_seed)
     layers: list[nn.Module] = []
     sizes = [2] + [width] * depth
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), nn.Tanh()]
-    layers.append(nn.Linear(sizes[-1], 1))
+    layers.append(nn.Linear(sizes[-1], outputs))
     return nn.Sequential(*layers).double()
 
 
@@ -222,10 +226,64 @@ class ReactionDiffusion(Problem):
         return float((u - self.u_eval).norm() / self.u_eval.norm())
 
 
+class Schrodinger(Problem):
+    """A system of two nonlinear, time-dependent equations: the focusing nonlinear
+    Schrödinger equation i h_t + ½ h_xx + |h|² h = 0 for h = u + iv on x ∈ (−5, 5),
+    t ∈ (0, π/2], with the soliton h* = sech(x) e^{it/2} (initial and boundary values from
+    it). The network maps (x, t) to (u, v); the residual terms are the equation's real and
+    imaginary parts at 2,000 random interior points, the initial values (u, v) at 200 points
+    and the boundary values at 200: each interior point gives two outputs, so HF reads J off
+    the graph term by term (:mod:`torch_hf.curvature.jacobian`). No point-by-point closure:
+    HF gets the plain batched closure a user writes. Score: the relative L2 error of
+    (u, v) on a 101 × 101 grid."""
+
+    name = "schrodinger"
+    outputs = 2
+
+    def __init__(self, n_interior: int = 2000, n_initial: int = 200, n_boundary: int = 200, grid: int = 101,
+                 seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.lo = torch.tensor([-5.0, 0.0], dtype=torch.float64)
+        self.span = torch.tensor([10.0, math.pi / 2], dtype=torch.float64)
+        self.x_int = self.lo + self.span * torch.rand(n_interior, 2, generator=gen, dtype=torch.float64)
+        x0 = -5 + 10 * torch.rand(n_initial, generator=gen, dtype=torch.float64)
+        self.x_init = torch.stack([x0, torch.zeros_like(x0)], 1)
+        tb = math.pi / 2 * torch.rand(n_boundary, generator=gen, dtype=torch.float64)
+        self.x_bnd = torch.stack([10 * (torch.arange(n_boundary) % 2).double() - 5, tb], 1)
+        self.h_init, self.h_bnd = self.exact(self.x_init), self.exact(self.x_bnd)
+        gx = torch.linspace(-5, 5, grid, dtype=torch.float64)
+        gt = torch.linspace(0, math.pi / 2, grid, dtype=torch.float64)
+        self.x_eval = torch.cartesian_prod(gx, gt)
+        self.h_eval = self.exact(self.x_eval)
+
+    @staticmethod
+    def exact(xt: Tensor) -> Tensor:
+        """(u, v) of the soliton, N × 2."""
+        sech = 1 / torch.cosh(xt[:, 0])
+        return torch.stack([sech * torch.cos(xt[:, 1] / 2), sech * torch.sin(xt[:, 1] / 2)], 1)
+
+    def terms(self, model: nn.Module) -> tuple[Tensor, ...]:
+        grad = torch_hf.residuals.gradient
+        xt = self.x_int.detach().requires_grad_(True)
+        h = model(xt)
+        u, v = h[:, 0], h[:, 1]
+        du, dv = grad(u, xt), grad(v, xt)
+        uxx, vxx = grad(du[:, 0], xt)[:, 0], grad(dv[:, 0], xt)[:, 0]
+        sq = u**2 + v**2
+        return (-dv[:, 1] + 0.5 * uxx + sq * u, du[:, 1] + 0.5 * vxx + sq * v,
+                model(self.x_init) - self.h_init, model(self.x_bnd) - self.h_bnd)
+
+    def score(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            h = model(self.x_eval)
+        return float((h - self.h_eval).norm() / self.h_eval.norm())
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {"regression": Regression, "pinn": Poisson,
-                                              "reaction_diffusion": ReactionDiffusion}
+                                              "reaction_diffusion": ReactionDiffusion, "schrodinger": Schrodinger}
 TITLES = {"regression": "smooth 2-D regression", "pinn": "2-D Poisson PINN",
-          "reaction_diffusion": "reaction-diffusion PINN (nonlinear, time-dependent)"}
+          "reaction_diffusion": "reaction-diffusion PINN (nonlinear, time-dependent)",
+          "schrodinger": "nonlinear Schrödinger PINN (a system, two outputs)"}
 # The instances of Dangel et al. (2024), recipes/pinns.py; each brings its own network.
 for _name, (_factory, _params, _budget) in BENCHMARK.items():
     PROBLEMS[_name] = _factory
@@ -257,8 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_clock_option(ap, default="cpu")
     ap.add_argument("--max-iters", type=int, default=None, help="stop after this many updates")
     ap.add_argument("--eval-every", type=float, default=None, help="seconds between evaluations (default budget/60)")
+    ap.add_argument("--resample-every", type=int, default=None,
+                    help="Dangel et al.'s problems: draw the points afresh every N updates (heat4d_116865: 1 by "
+                         "default, their HF and L-BFGS runs; their KFAC runs used 100)")
     ap.add_argument("--points", type=int, default=None,
-                    help="interior collocation points of pinn / reaction_diffusion (default 900 / 1000)")
+                    help="interior collocation points of pinn / reaction_diffusion / schrodinger (default 900 / 1000 / 2000)")
     ap.add_argument("--closure", choices=("pointwise", "batched"), default="pointwise",
                     help="HF: a closure that also offers the residuals' Jacobian point by point where the "
                          "problem has it (default), or the plain batched closure a user writes with "
@@ -283,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    check_args(ap, args, positive=("max_iters", "points", "width", "depth", "threads", "lr", "eval_every", "jobs",
-                                   "damping"),
+    check_args(ap, args, positive=("max_iters", "points", "resample_every", "width", "depth", "threads", "lr",
+                                   "eval_every", "jobs", "damping"),
                non_negative=("time_budget",))
     if args.time_budget == 0 and not args.max_iters:
         ap.error("give a positive --time-budget or --max-iters")
@@ -342,9 +403,13 @@ def _train(cfg: dict, progress: bool) -> dict:
         torch.set_num_threads(cfg["threads"])
     problem = PROBLEMS[cfg["problem"]](**({"n_interior": cfg["points"]} if cfg.get("points") else {}))
     problem.batched_closure = cfg.get("closure") == "batched"
+    if cfg.get("resample_every"):
+        if not hasattr(problem, "resample_every"):
+            raise ValueError(f"--resample-every applies to Dangel et al.'s problems, not {cfg['problem']}")
+        problem.resample_every = cfg["resample_every"]
     # A benchmark instance brings its network (architecture and seeds as published).
     model = problem.model() if hasattr(problem, "model") else mlp(cfg.get("width", 32), cfg.get("depth", 2),
-                                                                   cfg.get("seed", 0))
+                                                                   cfg.get("seed", 0), getattr(problem, "outputs", 1))
     opt = make_optimizer(cfg["optimizer"], model, cfg.get("lr"), cfg.get("preconditioner", "default"),
                          cfg.get("cg_stop") or "auto", cfg.get("damping"), cfg.get("solver") or "auto")
     budget = cfg.get("time_budget") or 0.0

@@ -321,6 +321,58 @@ def test_graph_jacobian_of_a_pinn_closure_is_the_dense_jacobian():
     assert float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())
 
 
+def _schrodinger(model, x, xp):
+    """A system of two equations at each point, h = u + iv of the nonlinear Schrödinger
+    equation i h_t + ½ h_xx + |h|² h = 0, and periodic boundary residuals that couple the
+    points (t, −5) and (t, 5): several outputs per case, each row of x reaching two."""
+    from torch_hf.residuals import gradient
+
+    x = x.detach().requires_grad_(True)
+    h = model(x)
+    u, v = h[:, 0], h[:, 1]
+    du, dv = gradient(u, x), gradient(v, x)
+    uxx, vxx = gradient(du[:, 1], x)[:, 1], gradient(dv[:, 1], x)[:, 1]
+    sq = u ** 2 + v ** 2
+    left, right = model(xp), model(xp + torch.tensor([0.0, 10.0], dtype=xp.dtype))
+    return du[:, 0] + 0.5 * vxx + sq * v, dv[:, 0] - 0.5 * uxx - sq * u, left - right
+
+
+def test_graph_jacobian_of_a_system_of_equations_is_the_dense_jacobian():
+    """Two equations at each point (several outputs per case): J is read term by term and,
+    within a term of shape (N, 2), component by component, and equals the dense Jacobian;
+    the same outputs stacked as one (N, 2) tensor too."""
+    from torch_hf.curvature.jacobian import graph_jacobian
+    from torch_hf.residuals import residual_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(11, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0]) - torch.tensor([0.0, 5.0])
+    xp = torch.stack([torch.rand(5, generator=g, dtype=torch.float64), torch.full((5,), -5.0, dtype=torch.float64)], 1)
+    params = list(model.parameters())
+    for stacked in (False, True):
+        def residuals(m):
+            ru, rv, periodic = _schrodinger(m, x, xp)
+            terms = (torch.stack([ru, rv], 1), periodic) if stacked else (ru, rv, periodic)
+            return residual_loss(*terms)[1]
+
+        J = graph_jacobian(residuals(model), params)
+        want = _reference_jacobian(model, residuals)
+        assert J is not None and J.shape == want.shape == (32, sum(p.numel() for p in params))
+        assert float((J - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    # Each row of x reaches two outputs of one term (point i's u and point 10 − i's v):
+    # no colouring separates them, and J is refused.
+    ru, rv, _ = _schrodinger(model, x, xp)
+    assert graph_jacobian(ru + rv.flip(0), params) is None
+    # A wide vector output: more colours than reading J pays for (CG instead).
+    from torch_hf.curvature.jacobian import MAX_COLORS
+
+    wide = nn.Linear(2, MAX_COLORS + 1).double()
+    assert graph_jacobian(torch.tanh(wide(x)), list(wide.parameters())) is None
+    narrow = nn.Linear(2, MAX_COLORS).double()
+    assert graph_jacobian(torch.tanh(narrow(x)), list(narrow.parameters())) is not None
+
+
 def test_graph_jacobian_of_vmapped_pointwise_residuals_is_their_jacobian():
     from torch_hf.curvature.jacobian import graph_jacobian
     from test_residuals import _poisson

@@ -177,7 +177,9 @@ def test_the_hessian_falls_back_to_cg_where_it_is_indefinite():
 def test_auto_switches_to_the_dense_solve_on_a_small_deterministic_problem_once_cg_costs_more():
     model, closure = _problem("mse", seed=5)
     n = sum(p.numel() for p in model.parameters())
-    opt = torch_hf.HessianFree(model.parameters(), generator=torch.Generator().manual_seed(0))
+    # jacobian="off": with J read off the graph (two outputs per case) the step would be the
+    # residual-space one from the second step on; this is the switch without J.
+    opt = torch_hf.HessianFree(model.parameters(), generator=torch.Generator().manual_seed(0), jacobian="off")
     solvers = []
     for _ in range(25):
         opt.step(closure)
@@ -190,7 +192,8 @@ def test_auto_switches_to_the_dense_solve_on_a_small_deterministic_problem_once_
 
 
 def test_auto_never_goes_dense_above_dense_max_params_or_when_asked_for_cg():
-    for options in ({"dense_max_params": 10}, {"solver": "cg"}):
+    # (jacobian="off": with J, read off the graph, the residual-space step needs no n × n matrix)
+    for options in ({"dense_max_params": 10, "jacobian": "off"}, {"solver": "cg"}):
         model, closure = _problem("mse", seed=5)
         opt = torch_hf.HessianFree(model.parameters(), **options)
         for _ in range(15):
@@ -368,6 +371,51 @@ def test_with_the_jacobian_the_exact_step_is_taken_on_fresh_points_every_step_to
     assert regimes[-1] == "stochastic"
 
 
+def test_on_fresh_points_the_exact_step_is_damped_by_lambda_and_on_fixed_points_it_is_gauss_newton():
+    """Once the objective is known to be stochastic the residual-space step is the
+    Levenberg-Marquardt one, δ = −Jᵀ(cJJᵀ + λI)⁻¹u with λ adapted by ρ; on the same points
+    every step it is the Gauss-Newton one (ε, λ left alone)."""
+    import sys
+    from pathlib import Path
+
+    from torch_hf.dense import GAUSS_NEWTON_DAMPING
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    for fresh in (True, False):
+        model, pde, _ = _poisson()
+        opt = torch_hf.HessianFree(model.parameters(), line_search_c=None, backtracking_factor=None)
+        lambdas = []
+        for seed in range(5):
+            if fresh and seed:
+                _, pde, _ = _poisson(seed=seed)
+                pde.model = model  # the same network, new points
+            lam = opt.damping.value
+            loss, r = pde()
+            J = pde.jacobian()
+            u = torch.autograd.grad(loss, r)[0]
+            K = 2.0 * J @ J.t()
+            shift = lam if fresh and seed >= 2 else GAUSS_NEWTON_DAMPING * float(K.trace()) / J.shape[1]
+            expected = -(J.t() @ torch.linalg.solve(K + shift * torch.eye(len(K), dtype=K.dtype), u))
+            theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+            opt.step(pde)
+            if seed == 0:  # CG, before the regime is known
+                continue
+            moved = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
+            assert opt.last_step.solver == "residual"
+            if fresh and seed == 1:  # the regime turns stochastic on this step's f
+                continue
+            assert opt.last_step.accepted
+            damped = fresh and seed >= 2  # the Gauss-Newton system is ill-conditioned: fewer digits
+            assert float((moved - expected).norm() / expected.norm()) <= (1e-10 if damped else 1e-5)
+            lambdas.append((lam, opt.damping.value))
+        if fresh:
+            assert opt.last_step.regime == "stochastic" and any(a != b for a, b in lambdas)
+        else:
+            assert opt.last_step.regime == "deterministic" and all(a == b for a, b in lambdas)
+
+
 def _batched_poisson(seed=0):
     import sys
     from pathlib import Path
@@ -454,7 +502,7 @@ def test_gram_by_blocks_is_j_jt():
     from torch_hf.dense import gram
 
     g = torch.Generator().manual_seed(0)
-    for m, n in ((5, 40), (700, 40), (600, 2500)):  # one block (short J, long J); blocks, mirrored
+    for m, n in ((5, 40), (700, 40), (600, 2500), (600, 700)):  # one block (few rows, tall J); blocks, mirrored
         J = torch.randn(m, n, generator=g, dtype=torch.float64)
         K = gram(J)
         assert float((K - K.t()).abs().max()) <= 1e-13 * float(K.abs().max())

@@ -434,7 +434,11 @@ class HessianFree(torch.optim.Optimizer):
                     return None if B is None else dense_solve(B, shift, decay.diagonal(), ev.grad)
 
                 shift = self.damping.diagonal()
-                if state.get("dense_step", "gauss-newton") == "gauss-newton":
+                # The undamped step belongs to a deterministic objective (ENGD's regime): on
+                # batches drawn afresh its ε-regularised solve follows J's smallest singular
+                # directions of this batch alone (steps of norm ~1e3 on the heat benchmark,
+                # ρ near −1e4), which only λ filters (§12).
+                if regime.describe(state) != "stochastic" and state.get("dense_step", "gauss-newton") == "gauss-newton":
                     gauss_newton = shift = GAUSS_NEWTON_DAMPING * max(mean_diagonal, 1e-300)
                 result = exact(shift)
                 if result is None:
@@ -470,7 +474,10 @@ class HessianFree(torch.optim.Optimizer):
             alpha, f_new, slope = line_search(objective, ev.grad, delta, f_best, ev.f, search, informative)  # line 7
             if gauss_newton is not None and result.stop_reason == "dense" and alpha < GAUSS_NEWTON_FALLBACK_ALPHA:
                 # Far from a solution the Gauss-Newton direction may need α ≈ 1e-6: the damped
-                # step is offered too, and the lower of the two is taken.
+                # step is offered too, and the lower of the two is taken. (Searching below the
+                # threshold only where the damped step fails too saves ~20 evaluations a step
+                # early on, but took the damped step where a short Gauss-Newton one was lower:
+                # 3.0e-4 against 1.4e-6 at 300 s on the 10,000-point reaction-diffusion PINN.)
                 damped = exact(self.damping.diagonal())
                 if damped is not None:
                     trial = TrialObjective(params, closure, self._trial_call, decay, reducer, ev.theta0)

@@ -12,6 +12,14 @@ The result is checked against one vector-Jacobian product with a random cotangen
 graph that does not have this structure (cases that interact, a weight used another way)
 gives ``None``, never a wrong J.
 
+A system of equations gives several outputs per case (the real and imaginary parts of a
+Schrödinger residual at one point): a row then reaches several outputs and the two passes
+cannot tell them apart. The outputs are then split into colours no row reaches twice, read
+from how z was built, the terms of its concatenation (``torch.cat``, as
+:func:`torch_hf.residuals.residual_loss` builds it) and, within a term of shape (N × k)
+flattened, its k components; the two passes run per colour, and the rows a colour does not
+reach are skipped.
+
 Cost: three backward passes and the outer products (M·n·uses multiply-adds, one batched
 matrix product per weight): on the heat benchmark's 116,865-parameter network with 3,500
 residuals, 9 s (about 4 s of it the first touch of J's 3.3 GB, which a reused ``out``
@@ -21,6 +29,7 @@ parameter Poisson network 0.08× its cost (``benchmarks/jacobian_cost.py``).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -32,6 +41,9 @@ __all__ = ["graph_jacobian", "GRAPH_JACOBIAN_MAX_ENTRIES"]
 logger = logging.getLogger("torch_hf")
 
 GRAPH_JACOBIAN_MAX_ENTRIES = 1 << 29  # the largest J the optimizer reads: 4 GiB in float64
+# Two backward passes per colour: past this many (a wide vector output, e.g. an
+# autoencoder's pixels) CG's products cost less than reading J.
+MAX_COLORS = 32
 _CHUNK_ENTRIES = 1 << 21  # rows × weight entries formed at once: 16 MB in float64, below malloc's mmap threshold
 
 
@@ -51,9 +63,6 @@ def graph_jacobian(outputs: Tensor, params: list[Tensor], max_entries: int | Non
     uses = parameter_uses((z,), params)
     if uses is None:
         return None
-    nodes = {id(node): node for node, *_ in uses}
-    ones = _cotangents(z, torch.ones_like(z), nodes, params)
-    coded = _cotangents(z, torch.arange(1, m + 1, dtype=z.dtype, device=z.device), nodes, params)
     offsets, total = [], 0
     for p in params:
         offsets.append(total)
@@ -62,32 +71,113 @@ def graph_jacobian(outputs: Tensor, params: list[Tensor], max_entries: int | Non
         J = out.zero_()
     else:
         J = torch.zeros(m, n, dtype=z.dtype, device=z.device)
-    rows_of: dict[int, Tensor | None] = {}
-    maps: list[Tensor] = []
-    groups: dict[tuple, list] = {}  # (param, case map) -> [(left, right)] or [G] for biases
-    for node, kind, i, transposed, scale in uses:
-        if id(node) not in rows_of:
-            sigma = _case_map(ones.get(id(node)), coded.get(id(node)), m)
-            # uses with the same rows share one batched product
-            same = [s for s in maps if sigma is not None and s.shape == sigma.shape and torch.equal(s, sigma)]
-            rows_of[id(node)] = same[0] if same else sigma
-            if sigma is not None and not same:
-                maps.append(sigma)
-        sigma, G = rows_of[id(node)], ones.get(id(node))
-        if G is None:  # no gradient reached it: it contributes nothing
-            continue
-        if sigma is None:
-            return None
-        key = (i, id(sigma))
-        if kind == "bias":
-            groups.setdefault(key, [sigma]).append((scale * G.reshape(-1, params[i].numel()), None))
+    # All outputs at once; where a row reaches several (a system's equations at one point),
+    # one colour per residual term and per component of a term (see _output_colors).
+    filled = _fill(J, z, uses, params, offsets, None)
+    if not filled:
+        colors = _output_colors(z)
+        if colors is not None and 1 < len(colors) <= MAX_COLORS:
+            filled = _fill(J.zero_(), z, uses, params, offsets, colors)
+    return J if filled and _agrees(J, z, params) else None
+
+
+def _fill(J: Tensor, z: Tensor, uses: list[tuple], params: list[Tensor], offsets: list[int],
+          colors: list[Tensor] | None) -> bool:
+    """Add the rows of J colour by colour (``None``: all outputs as one colour); ``False``
+    when a row reaches several outputs of one colour."""
+    m = z.numel()
+    nodes = {id(node): node for node, *_ in uses}
+    index = torch.arange(1, m + 1, dtype=z.dtype, device=z.device)
+    for color in colors if colors is not None else [None]:
+        if color is None:
+            ones_seed, coded_seed = torch.ones_like(z), index
         else:
-            A = left_factor(node).detach()
-            G = G if scale == 1.0 else scale * G
-            groups.setdefault(key, [sigma]).append((G, A) if transposed else (A, G))
-    with torch.no_grad():
-        _assemble(J, groups, params, offsets)
-    return J if _agrees(J, z, params) else None
+            ones_seed = torch.zeros_like(z).index_fill_(0, color, 1.0)
+            coded_seed = ones_seed * index
+        ones = _cotangents(z, ones_seed, nodes, params)
+        coded = _cotangents(z, coded_seed, nodes, params)
+        rows_of: dict[int, tuple | None] = {}
+        maps: list[Tensor] = []
+        groups: dict[tuple, list] = {}  # (param, case map) -> [(left, right)] or [G] for biases
+        for node, kind, i, transposed, scale in uses:
+            G = ones.get(id(node))
+            if id(node) not in rows_of:
+                sigma = _case_map(G, coded.get(id(node)), m)
+                live = None
+                if sigma is not None and colors is not None:  # rows of other colours: zero, skipped
+                    alive = G.abs().amax(dim=1) != 0
+                    live = None if bool(alive.all()) else alive.nonzero().squeeze(1)
+                    sigma = sigma if live is None else sigma[live]
+                # uses with the same rows share one batched product
+                same = [s for s in maps if sigma is not None and s.shape == sigma.shape and torch.equal(s, sigma)]
+                rows_of[id(node)] = None if sigma is None else (same[0] if same else sigma, live)
+                if sigma is not None and not same:
+                    maps.append(sigma)
+            if G is None:  # no gradient reached it: it contributes nothing
+                continue
+            if rows_of[id(node)] is None:
+                return False
+            sigma, live = rows_of[id(node)]
+            if len(sigma) == 0:
+                continue
+            G = G if live is None else G[live]
+            key = (i, id(sigma))
+            if kind == "bias":
+                groups.setdefault(key, [sigma]).append((scale * G.reshape(-1, params[i].numel()), None))
+            else:
+                A = left_factor(node).detach()
+                A = A if live is None else A.reshape(-1, A.shape[-1])[live]
+                G = G if scale == 1.0 else scale * G
+                groups.setdefault(key, [sigma]).append((G, A) if transposed else (A, G))
+        with torch.no_grad():
+            _assemble(J, groups, params, offsets)
+    return True
+
+
+# Nodes between a residual term and the concatenation of the terms that keep its entries
+# in place (residual_loss's reshape and 1/√N).
+_ELEMENTWISE_SCALE = {"DivBackward0", "MulBackward0", "ViewBackward0", "ReshapeAliasBackward0",
+                      "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1", "NegBackward0"}
+
+
+def _output_colors(z: Tensor) -> list[Tensor] | None:
+    """Sets of outputs that no row of a case-by-case graph reaches twice, read from how z
+    was built: the terms of a concatenation (``torch.cat``, as
+    :func:`torch_hf.residuals.residual_loss` builds it), and within a term of shape
+    (N, k, ...) flattened, each of its components. ``None`` where z's sizes cannot be read."""
+    node = z.grad_fn
+    while node is not None and type(node).__name__ in ("ViewBackward0", "ReshapeAliasBackward0") \
+            and _components(node, z.numel()) == 1:  # a flattened (N × k) output is one term
+        node = node.next_functions[0][0]
+    if node is not None and type(node).__name__ == "CatBackward0" and node._saved_dim in (0, -1):
+        parts = [c for c, _ in node.next_functions]
+    else:
+        parts = [z.grad_fn]
+    colors, start = [], 0
+    for part in parts:
+        meta = getattr(part, "_input_metadata", None) if part is not None else None
+        if not meta:
+            return None
+        size = 1
+        for d in meta[0].shape:
+            size *= int(d)
+        width = _components(part, size)
+        colors += [torch.arange(start + j, start + size, width, device=z.device) for j in range(width)]
+        start += size
+    return colors if start == z.numel() else None
+
+
+def _components(node, size: int) -> int:
+    """k where the term behind ``node`` was an (N × k …) tensor flattened row by row: its
+    entries i·k + j for j = 0…k−1 belong to one case."""
+    for _ in range(8):
+        if node is None or type(node).__name__ not in _ELEMENTWISE_SCALE:
+            return 1
+        shape = getattr(node, "_saved_self_sym_sizes", None)
+        if shape is not None and len(shape) >= 2 and math.prod(int(d) for d in shape) == size:
+            return size // int(shape[0])
+        node = node.next_functions[0][0]
+    return 1
 
 
 def _assemble(J: Tensor, groups: dict, params: list[Tensor], offsets: list[int]) -> None:
