@@ -349,6 +349,9 @@ def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                non_negative=("time_budget",))
     if args.time_budget == 0 and not args.max_iters:
         ap.error("give a positive --time-budget or --max-iters")
+    if args.resample_every and args.problem not in BENCHMARK:
+        ap.error(f"--resample-every applies to Dangel et al.'s problems ({', '.join(sorted(BENCHMARK))}), "
+                 f"not {args.problem}")
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None, preconditioner: str = "default",
@@ -404,8 +407,6 @@ def _train(cfg: dict, progress: bool) -> dict:
     problem = PROBLEMS[cfg["problem"]](**({"n_interior": cfg["points"]} if cfg.get("points") else {}))
     problem.batched_closure = cfg.get("closure") == "batched"
     if cfg.get("resample_every"):
-        if not hasattr(problem, "resample_every"):
-            raise ValueError(f"--resample-every applies to Dangel et al.'s problems, not {cfg['problem']}")
         problem.resample_every = cfg["resample_every"]
     # A benchmark instance brings its network (architecture and seeds as published).
     model = problem.model() if hasattr(problem, "model") else mlp(cfg.get("width", 32), cfg.get("depth", 2),

@@ -101,12 +101,11 @@ def gram(J: Tensor) -> Tensor:
     """K = J Jᵀ (M × M), the upper triangle by row blocks and mirrored: about 56 % of the
     multiply-adds of ``J @ J.t()`` (28.8 s against 48.3 s for the heat benchmark's
     3,500 × 116,865 J on one CPU thread; B = JᵀJ of the 10,000-point reaction-diffusion
-    PINN, 3,021 × 10,200 as passed here, 2.1 s against 3.2 s)."""
+    PINN, 3,021 × 10,200 as passed here, 1.9 s against 3.0 s)."""
     m = J.shape[0]
     # Blocks pay where the products are at least as long as K is wide (process CPU time, one
-    # thread: 2.05 s against 3.17 s for a 3,021 × 10,200 J, 0.29 against 0.37 s for
-    # 2,000 × 2,600); for a J taller than long the copies cost more (8.5 s against 5.8 s
-    # for 9,873 × 1,020).
+    # thread, `benchmarks/jacobian_cost.py --gram 3021 10200 2000 2600`: 0.64× and 0.76× the
+    # plain product); for a J taller than long the copies cost more than they save.
     blocks = max(1, min(8, m // 256)) if J.shape[1] >= m else 1
     if blocks == 1:
         return J @ J.t()  # symmetric to rounding; the Cholesky reads one triangle

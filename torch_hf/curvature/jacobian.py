@@ -158,9 +158,7 @@ def _output_colors(z: Tensor) -> list[Tensor] | None:
         meta = getattr(part, "_input_metadata", None) if part is not None else None
         if not meta:
             return None
-        size = 1
-        for d in meta[0].shape:
-            size *= int(d)
+        size = math.prod(int(d) for d in meta[0].shape)
         width = _components(part, size)
         colors += [torch.arange(start + j, start + size, width, device=z.device) for j in range(width)]
         start += size
