@@ -16,6 +16,15 @@ of how ill-conditioned the undamped step is).
 
 ``--gram M N [M N ...]``: J Jᵀ by blocks against ``J @ J.t()`` on random M × N matrices
 (process CPU time, interleaved, medians), e.g. ``--gram 3021 10200 2000 2600 9873 1020``.
+
+``--sketch``: the damped residual-space step δ = −Jᵀ(cJJᵀ + sI)⁻¹u two ways on each
+problem's J, the Gram matrix and a Cholesky (``residual_solve``) against CG preconditioned
+with a column Nyström sketch (``sketched_residual_solve``, the ranks of ``--ranks``), for the
+shifts of ``--shifts``: process CPU time, CG iterations and how far apart the two steps are.
+``--weights PATH`` evaluates J at a network's saved ``state_dict`` instead of the initial
+point (a trained network's JJᵀ has more eigenvalues above a small s):
+
+    python benchmarks/jacobian_cost.py --threads 1 --problem heat4d_116865 --sketch   # minutes
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import interleaved  # noqa: E402
 from recipes.pinns import BENCHMARK  # noqa: E402
 from torch_hf.curvature.jacobian import graph_jacobian  # noqa: E402
-from torch_hf.dense import GAUSS_NEWTON_DAMPING, gram  # noqa: E402
+from torch_hf.dense import GAUSS_NEWTON_DAMPING, gram, residual_solve, sketched_residual_solve  # noqa: E402
 
 
 def measure(problem_name: str, reps: int) -> dict[str, float]:
@@ -88,14 +97,53 @@ def gram_against_matmul(shapes: list[int], reps: int) -> None:
         print(f"| {m} × {n} | {a:.3f} s | {b:.3f} s | {b / a:.2f} |")
 
 
+def sketch_against_gram(problem_name: str, shifts: list[float], ranks: list[int], weights: str | None) -> None:
+    """The damped step by the Gram matrix and Cholesky against the sketched CG, process CPU time."""
+    import time
+
+    problem = BENCHMARK[problem_name][0]()
+    model = problem.model()
+    if weights:
+        model.load_state_dict(torch.load(weights))
+    params = list(model.parameters())
+    loss, r = problem.loss(model)
+    J = graph_jacobian(r, params)
+    if J is None:
+        raise RuntimeError(f"{problem_name}: J could not be read off the graph")
+    u = torch.autograd.grad(loss, r)[0].reshape(-1).detach()
+    grad, c = J.t() @ u, 2.0
+    for s in shifts:
+        t0 = time.process_time()
+        exact = residual_solve(J, c, s, u, grad)
+        t_gram = time.process_time() - t0
+        cells = []
+        for rank in ranks:
+            t0 = time.process_time()
+            got = sketched_residual_solve(J, c, s, u, rank, 10_000, generator=torch.Generator().manual_seed(0))
+            t = time.process_time() - t0
+            apart = float((got.x - exact.x).norm() / exact.x.norm()) if got is not None else float("nan")
+            cells.append(f"{t:.1f} s ({got.iterations if got is not None else '-'} it., {apart:.0e} apart)")
+        print(f"| {problem_name} ({J.shape[0]} × {J.shape[1]}) | {s:.0e} | {t_gram:.1f} s | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problem", nargs="+", default=["poisson2d_257", "poisson2d_9873"], choices=sorted(BENCHMARK))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gram", type=int, nargs="+", metavar="M N", help="time gram(J) on random M × N matrices only")
+    ap.add_argument("--sketch", action="store_true", help="the damped step by the Gram matrix against the sketched CG")
+    ap.add_argument("--shifts", type=float, nargs="+", default=[1e-3, 1e-5, 1e-7], help="s for --sketch")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[256, 512], help="sketch ranks for --sketch")
+    ap.add_argument("--weights", help="--sketch: a state_dict of the problem's network to evaluate J at")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.sketch:
+        print("| problem (M × n) | s | Gram + Cholesky | " + " | ".join(f"sketch of rank {k}" for k in args.ranks) + " |")
+        print("| --- | --- | --- | " + " | ".join("---" for _ in args.ranks) + " |")
+        for name in args.problem:
+            sketch_against_gram(name, args.shifts, args.ranks, args.weights)
+        return
     if args.gram:
         if len(args.gram) % 2:
             ap.error("--gram takes pairs M N")

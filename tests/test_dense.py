@@ -507,3 +507,83 @@ def test_gram_by_blocks_is_j_jt():
         K = gram(J)
         assert float((K - K.t()).abs().max()) <= 1e-13 * float(K.abs().max())
         assert float((K - J @ J.t()).abs().max()) <= 1e-12 * float((J @ J.t()).abs().max())
+
+
+def _decaying_jacobian(m=240, n=600, seed=0):
+    """A J whose J Jᵀ has a few large eigenvalues and a long tail, as a PINN's has."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    sigma = torch.logspace(1, -8, m, dtype=torch.float64)
+    return (U * sigma) @ V.t(), torch.randn(m, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shift", [1e-2, 1e-5])
+@pytest.mark.parametrize("rank", [64, 128])
+def test_the_sketched_solve_is_the_residual_space_solve(shift, rank):
+    """Nyström-preconditioned CG gives residual_solve's step without J Jᵀ, and its q is
+    q(δ) = ½ c‖Jδ‖² + ½ s‖δ‖² + ∇fᵀδ evaluated densely."""
+    from torch_hf.dense import residual_solve, sketched_residual_solve
+
+    J, u = _decaying_jacobian()
+    c, grad = 2.0, J.t() @ u
+    exact = residual_solve(J, c, shift, u, grad)
+    got = sketched_residual_solve(J, c, shift, u, rank, 200, generator=torch.Generator().manual_seed(1))
+    assert got is not None and got.iterations > 0 and got.stop_reason == "dense"
+    assert float((got.x - exact.x).norm() / exact.x.norm()) <= 1e-7
+    d = got.x
+    q = 0.5 * c * float((J @ d).square().sum()) + 0.5 * shift * float(d @ d) + float(grad @ d)
+    assert got.q == pytest.approx(q, rel=1e-9)
+    assert got.q == pytest.approx(exact.q, rel=1e-7)
+
+
+def test_the_sketched_solve_gives_up_within_its_budget():
+    from torch_hf.dense import sketched_residual_solve
+
+    J, u = _decaying_jacobian()
+    assert sketched_residual_solve(J, 2.0, 1e-6, u, 16, 2) is None
+
+
+def test_the_sketch_rank_follows_the_iterations_it_saves():
+    """A sketch that leaves CG many iterations (or too many: the caller then forms J Jᵀ)
+    grows; one that leaves it almost none shrinks."""
+    from torch_hf.dense import SketchedSolver
+
+    J, u = _decaying_jacobian(m=1600, n=2000)
+    assert not SketchedSolver().applies(J) and SketchedSolver(min_outputs=0).applies(J)
+    hard = SketchedSolver(rank=16, min_outputs=0)
+    hard.solve(J, 2.0, 1e-7, u)
+    assert hard.rank == 32
+    easy = SketchedSolver(rank=200, min_outputs=0)
+    result = easy.solve(J, 2.0, 1e5, u)  # s far above JJᵀ's eigenvalues: CG needs two iterations
+    assert result is not None and result.iterations <= 3 and easy.rank == 100
+
+
+def test_on_fresh_points_the_sketched_step_is_the_damped_step():
+    """Where the Gram matrix would be the cost (here: forced), the damped residual-space step
+    comes from the sketched CG, equal to −Jᵀ(cJJᵀ + λI)⁻¹u, with ρ and λ as before."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_residuals import _poisson
+
+    model, pde, _ = _poisson()
+    opt = torch_hf.HessianFree(model.parameters(), line_search_c=None, backtracking_factor=None)
+    opt._sketched.min_outputs = 0
+    for seed in range(5):
+        if seed:
+            _, pde, _ = _poisson(seed=seed)
+            pde.model = model
+        lam = opt.damping.value
+        loss, r = pde()
+        J = pde.jacobian()
+        u = torch.autograd.grad(loss, r)[0]
+        K = 2.0 * J @ J.t()
+        expected = -(J.t() @ torch.linalg.solve(K + lam * torch.eye(len(K), dtype=K.dtype), u))
+        theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        opt.step(pde)
+        if seed >= 2:  # the regime is stochastic from the second step's f on
+            moved = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
+            assert opt.last_step.solver == "residual" and opt.last_step.cg_iterations > 0
+            assert float((moved - expected).norm() / expected.norm()) <= 1e-8

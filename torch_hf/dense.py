@@ -19,9 +19,15 @@ n × n matrix is built as c JᵀJ, without forward columns; either way the defau
 dense step from the second step on). On the benchmark's
 9,873-parameter Poisson network with 1,020 residuals this takes the exact Gauss-Newton step
 in about 0.6 s of one CPU thread, where CG capped at 250 products took 4.7 s and fell short.
+Where M is large (:data:`SKETCH_MIN_OUTPUTS`) the M × M Gram matrix J Jᵀ is most of the
+step's cost (27 s of a 31 s step on the heat benchmark, M = 3,500): the damped system
+(c JJᵀ + λI)w = u is then solved to rounding by CG preconditioned with a Nyström sketch
+of c JJᵀ from a few hundred of its columns (:class:`SketchedSolver`), the Gram matrix
+formed only when that CG does not converge within its cost.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -31,8 +37,9 @@ from torch import Tensor
 from .cg import CGResult
 
 __all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_FALLBACK_ALPHA",
-           "GAUSS_NEWTON_LINE_SEARCH",
-           "dense_matrix", "dense_solve", "gram", "residual_solve", "output_hessian_scale"]
+           "GAUSS_NEWTON_LINE_SEARCH", "SKETCH_MIN_OUTPUTS", "SketchedSolver",
+           "dense_matrix", "dense_solve", "gram", "residual_solve", "sketched_residual_solve",
+           "output_hessian_scale"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
 # (benchmarks/dense_solve.py, CPU, one thread: 0.27 on the 2-64-1 PINN of 1,020 residuals,
@@ -135,6 +142,125 @@ def residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, grad:
         return None
     q = 0.5 * float(torch.dot(grad, x))
     return CGResult(x=x, q=q, iterations=0, stop_reason="dense", saved=[(0, x, q)], q_history=[0.0, q])
+
+
+# Where the M × M Gram matrix is the step's main cost (M ≥ this many outputs), the damped
+# residual-space system is solved by CG preconditioned with a Nyström approximation of
+# c JJᵀ from a few hundred of its columns (:func:`sketched_residual_solve`) before the Gram
+# matrix is formed. On the heat benchmark (M = 3,500, n = 116,865; one CPU thread) the Gram
+# matrix takes 27 s, a product with JJᵀ 0.23 s and 437 columns 7.2 s, after which CG
+# converges in 10 / 19 / 43 iterations at s = 9e-5 / 9e-6 / 9e-7 (plain CG: 180 iterations
+# for 1e-2 at s = 1e-3). Below it (the Poisson rows' M = 1,020) the Gram matrix costs about
+# a second or less.
+SKETCH_MIN_OUTPUTS = 2048
+# CG stops at ‖(c JJᵀ + sI)w − u‖ ≤ SKETCH_TOLERANCE·‖u‖, the true residual checked at the end.
+# On the heat benchmark's J this leaves the step 1e-9 to 1e-8 (relative) from the Cholesky
+# solve's, whose own rounding is of that order there (κ·eps).
+SKETCH_TOLERANCE = 1e-9
+# One CG iteration (two passes over J, memory-bound) costs about as much as this many
+# columns of c JJᵀ (one matrix product J J_Sᵀ for all of them): 0.23 s against 7.2 s / 437
+# on the heat benchmark's J, one CPU thread.
+SKETCH_COLUMNS_PER_ITERATION = 14
+
+
+class SketchedSolver:
+    """The damped residual-space solve δ = −Jᵀ(c JJᵀ + sI)⁻¹u without the M × M Gram
+    matrix where that pays (:data:`SKETCH_MIN_OUTPUTS`), the sketch's rank adapted from step
+    to step so that its columns cost about what the CG iterations they save cost. One per
+    optimizer; its state (the rank, a call count that seeds the column draw) only sets the
+    speed, not the step."""
+
+    def __init__(self, rank: int = 256, seed: int = 0, min_outputs: int = SKETCH_MIN_OUTPUTS) -> None:
+        self.rank, self.seed, self.min_outputs, self.calls = rank, seed, min_outputs, 0
+
+    def applies(self, J: Tensor) -> bool:
+        """Whether J has enough rows for the Gram matrix to be worth avoiding."""
+        return J.shape[0] >= self.min_outputs
+
+    def solve(self, J: Tensor, c: float, shift: float, output_grad: Tensor) -> CGResult | None:
+        """The step as :func:`residual_solve` gives it (to :data:`SKETCH_TOLERANCE`), or
+        ``None`` when CG did not converge within a Gram matrix's worth of work (the caller
+        then forms it); the rank for the next call is adjusted either way."""
+        m = J.shape[0]
+        rank = min(m, max(16, min(self.rank, m // 4)))
+        # J Jᵀ by blocks costs about 0.56 M² n multiply-adds, M n per column at the same rate:
+        # past this many iterations forming it would have been cheaper than carrying on.
+        budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
+        generator = torch.Generator(device=J.device).manual_seed(self.seed + self.calls)
+        self.calls += 1
+        result = sketched_residual_solve(J, c, shift, output_grad, rank, budget, generator=generator)
+        iterations = budget if result is None else result.iterations
+        if SKETCH_COLUMNS_PER_ITERATION * iterations > rank:  # the iterations cost more than the columns
+            self.rank = max(rank, min(2 * rank, m // 4))
+        elif 4 * SKETCH_COLUMNS_PER_ITERATION * iterations < rank:
+            self.rank = max(16, rank // 2)
+        return result
+
+
+def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, rank: int,
+                            max_iterations: int, tolerance: float = SKETCH_TOLERANCE,
+                            generator: torch.Generator | None = None) -> CGResult | None:
+    """δ = −Jᵀ(c JJᵀ + sI)⁻¹u as :func:`residual_solve` computes it, without forming JJᵀ:
+    CG on (c JJᵀ + sI)w = u preconditioned with the column Nyström approximation
+    K̂ = K_{:S} K_{SS}⁺ K_{S:} = Û Λ̂ Ûᵀ of K = c JJᵀ (K_SS⁺ on K_SS's numerical range), its ``rank`` columns S drawn without
+    replacement with probability ∝ K's diagonal (one product c J J_Sᵀ), and
+    P⁻¹ = Û (λ̂_r + s)(Λ̂ + sI)⁻¹ Ûᵀ + (I − ÛÛᵀ) (Frangella, Tropp & Udell, *Randomized
+    Nyström preconditioning*, 2023). A PINN's JJᵀ has a few hundred eigenvalues above λ and
+    the rest near rounding, so a sketch of that rank leaves CG tens of iterations.
+
+    q(δ) = ½ c‖Jδ‖² + ½ s‖δ‖² + ∇fᵀδ is evaluated from the final w exactly (not assumed
+    at the minimum). ``None`` when the true relative residual is above ``tolerance`` after
+    ``max_iterations`` iterations, or on a non-finite or non-positive quantity."""
+    u = output_grad.reshape(-1).to(J.dtype)
+    diagonal = torch.linalg.vector_norm(J, dim=1).square()  # no M × n temporary
+    if not (bool(torch.isfinite(diagonal).all()) and float(diagonal.sum()) > 0):
+        return None
+    columns = torch.multinomial(diagonal, min(rank, int((diagonal > 0).sum())), replacement=False,
+                                generator=generator)
+    Y = c * (J @ J[columns].t())  # K_{:S}
+    core = Y[columns]
+    theta, Q = torch.linalg.eigh(0.5 * (core + core.t()))  # K_SS, often numerically singular
+    keep = theta > torch.finfo(J.dtype).eps * len(columns) * float(theta[-1])
+    if not bool(keep.any()):
+        return None
+    B = Y @ (Q[:, keep] / theta[keep].sqrt())  # B Bᵀ = K_{:S} K_SS⁺ K_{S:}, on K_SS's numerical range
+    U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
+    lam_hat = sigma ** 2
+    scale = (lam_hat[-1] + shift) / (lam_hat + shift)
+
+    def precondition(v: Tensor) -> Tensor:
+        return v + U @ ((U.t() @ v) * (scale - 1.0))
+
+    w = torch.zeros_like(u)
+    r = u.clone()
+    z = precondition(r)
+    p = z.clone()
+    rz = torch.dot(r, z)
+    target = tolerance * float(u.norm())
+    iterations = 0
+    while float(r.norm()) > target and iterations < max_iterations:
+        Ap = c * (J @ (J.t() @ p)) + shift * p
+        pAp = torch.dot(p, Ap)
+        if not float(pAp) > 0:
+            return None
+        a = rz / pAp
+        w.add_(p, alpha=float(a))
+        r.add_(Ap, alpha=-float(a))
+        z = precondition(r)
+        rz_next = torch.dot(r, z)
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+        iterations += 1
+    x = -(J.t() @ w)
+    JJw = -(J @ x)  # JJᵀw, which also gives the true residual
+    if not float((u - c * JJw - shift * w).norm()) <= 10 * target:  # the recursion drifts a little from the truth
+        return None
+    # δ = −Jᵀw: Jδ = −JJᵀw, ‖δ‖² = wᵀJJᵀw, ∇fᵀδ = −uᵀJJᵀw (∇f = Jᵀu).
+    q = 0.5 * c * float(JJw @ JJw) + 0.5 * shift * float(w @ JJw) - float(u @ JJw)
+    if not (math.isfinite(q) and bool(torch.isfinite(x).all())):
+        return None
+    return CGResult(x=x, q=q, iterations=iterations, stop_reason="dense", saved=[(iterations, x, q)],
+                    q_history=[0.0, q])
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:
