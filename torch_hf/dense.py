@@ -209,7 +209,8 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
     the rest near rounding, so a sketch of that rank leaves CG tens of iterations.
 
     q(δ) = ½ c‖Jδ‖² + ½ s‖δ‖² + ∇fᵀδ is evaluated from the final w exactly (not assumed
-    at the minimum). ``None`` when the true relative residual is above ``tolerance`` after
+    at the minimum). ``None`` when the true relative residual is above ``tolerance`` (at
+    least 1000 rounding units of J's dtype) after
     ``max_iterations`` iterations, or on a non-finite or non-positive quantity."""
     u = output_grad.reshape(-1).to(J.dtype)
     diagonal = torch.linalg.vector_norm(J, dim=1).square()  # no M × n temporary
@@ -236,7 +237,8 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
     z = precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
-    target = tolerance * float(u.norm())
+    # float32 cannot reach 1e-9: a thousand times its rounding unit there (1.2e-4)
+    target = max(tolerance, 1000 * torch.finfo(J.dtype).eps) * float(u.norm())
     iterations = 0
     while float(r.norm()) > target and iterations < max_iterations:
         Ap = c * (J @ (J.t() @ p)) + shift * p
