@@ -599,3 +599,15 @@ def test_the_sketched_solve_converges_in_float32_to_what_float32_resolves():
     got = sketched_residual_solve(J.float(), 2.0, 1e-2, u.float(), 64, 200, generator=torch.Generator().manual_seed(1))
     assert got is not None and got.x.dtype == torch.float32
     assert float((got.x.double() - exact.x).norm() / exact.x.norm()) <= 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sketched_solve_on_cuda_is_the_cpu_step():
+    """The column draw takes a CUDA generator; the step is the Cholesky step there too."""
+    from torch_hf.dense import SketchedSolver, residual_solve
+
+    J, u = _decaying_jacobian()
+    exact = residual_solve(J, 2.0, 1e-3, u, J.t() @ u)
+    got = SketchedSolver(rank=64, min_outputs=0).solve(J.cuda(), 2.0, 1e-3, u.cuda())
+    assert got is not None and got.x.is_cuda
+    assert float((got.x.cpu() - exact.x).norm() / exact.x.norm()) <= 1e-7
