@@ -245,9 +245,9 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
         pAp = torch.dot(p, Ap)
         if not float(pAp) > 0:
             return None
-        a = rz / pAp
-        w.add_(p, alpha=float(a))
-        r.add_(Ap, alpha=-float(a))
+        a = rz / pAp  # a tensor: the updates need no host round trip beyond the checks
+        w.add_(a * p)
+        r.sub_(a * Ap)
         z = precondition(r)
         rz_next = torch.dot(r, z)
         p = z + (rz_next / rz) * p
