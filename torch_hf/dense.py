@@ -21,15 +21,17 @@ dense step from the second step on). On the benchmark's
 in about 0.6 s of one CPU thread, where CG capped at 250 products took 4.7 s and fell short.
 Where M is large (:data:`SKETCH_MIN_OUTPUTS`) the M × M Gram matrix J Jᵀ is most of the
 step's cost (27 s of a 31 s step on the heat benchmark, M = 3,500): the damped system
-(c JJᵀ + λI)w = u is then solved to rounding by CG preconditioned with a Nyström sketch
-of c JJᵀ from a few hundred of its columns (:class:`SketchedSolver`), the Gram matrix
-formed only when that CG does not converge within its cost.
+(c JJᵀ + λI)w = u is then solved by CG preconditioned with a Nyström sketch of c JJᵀ
+from a few hundred of its columns (:class:`SketchedSolver`; to rounding on a deterministic
+objective, to a relative residual of 1e-3 on a stochastic one), the Gram matrix formed
+only when that CG does not converge within its cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -37,8 +39,9 @@ from torch import Tensor
 from .cg import CGResult
 
 __all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_FALLBACK_ALPHA",
-           "GAUSS_NEWTON_LINE_SEARCH", "SKETCH_MIN_OUTPUTS", "SketchedSolver",
-           "dense_matrix", "dense_solve", "gram", "residual_solve", "sketched_residual_solve",
+           "GAUSS_NEWTON_LINE_SEARCH", "SKETCH_MIN_OUTPUTS", "SKETCH_STOCHASTIC_TOLERANCE", "SKETCH_TOLERANCE",
+           "SketchedSolver",
+           "centred_step", "dense_matrix", "dense_solve", "gram", "residual_solve", "sketched_residual_solve",
            "output_hessian_scale"]
 
 # What one column of the dense GGN costs, in curvature-vector products on the same batch
@@ -157,6 +160,14 @@ SKETCH_MIN_OUTPUTS = 2048
 # On the heat benchmark's J this leaves the step 1e-9 to 1e-8 (relative) from the Cholesky
 # solve's, whose own rounding is of that order there (κ·eps).
 SKETCH_TOLERANCE = 1e-9
+# On points drawn afresh every step (a stochastic objective) the step is an estimate anyway:
+# CG stops at this relative residual, where q(δ) agrees with the exact step's to 5e-8-1e-6
+# (relative) and the step to 2e-4-4e-4 (heat benchmark, s = 1e-4 to 1e-6, the weights after
+# 40 steps, ``benchmarks/jacobian_cost.py --sketch --tolerance 1e-3``), the loss at the new
+# point, on its draw and on a fresh one, to 3-4 digits; 3-10 iterations at rank 512 instead
+# of 8-26, and none of the steps that 1e-9 could not reach (then the Gram matrix was formed:
+# a 28 s step).
+SKETCH_STOCHASTIC_TOLERANCE = 1e-3
 # One CG iteration (two passes over J, memory-bound) costs about as much as this many
 # columns of c JJᵀ (one matrix product J J_Sᵀ for all of them): 0.23 s against 7.2 s / 437
 # on the heat benchmark's J, one CPU thread.
@@ -177,10 +188,13 @@ class SketchedSolver:
         """Whether J has enough rows for the Gram matrix to be worth avoiding."""
         return J.shape[0] >= self.min_outputs
 
-    def solve(self, J: Tensor, c: float, shift: float, output_grad: Tensor) -> CGResult | None:
-        """The step as :func:`residual_solve` gives it (to :data:`SKETCH_TOLERANCE`), or
-        ``None`` when CG did not converge within a Gram matrix's worth of work (the caller
-        then forms it); the rank for the next call is adjusted either way."""
+    def solve(self, J: Tensor, c: float, shift: float, output_grad: Tensor,
+              tolerance: float = SKETCH_TOLERANCE) -> CGResult | None:
+        """The step as :func:`residual_solve` gives it (to ``tolerance``, the relative
+        residual of (c JJᵀ + sI)w = u: :data:`SKETCH_TOLERANCE` on a deterministic objective,
+        :data:`SKETCH_STOCHASTIC_TOLERANCE` on a stochastic one), or ``None`` when CG did not
+        converge within a Gram matrix's worth of work (the caller then forms it); the rank
+        for the next call is adjusted either way."""
         m = J.shape[0]
         rank = min(m, max(16, min(self.rank, m // 4)))
         # J Jᵀ by blocks costs about 0.56 M² n multiply-adds, M n per column at the same rate:
@@ -188,7 +202,7 @@ class SketchedSolver:
         budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
         generator = torch.Generator(device=J.device).manual_seed(self.seed + self.calls)
         self.calls += 1
-        result = sketched_residual_solve(J, c, shift, output_grad, rank, budget, generator=generator)
+        result = sketched_residual_solve(J, c, shift, output_grad, rank, budget, tolerance, generator)
         iterations = budget if result is None else result.iterations
         if SKETCH_COLUMNS_PER_ITERATION * iterations > rank:  # the iterations cost more than the columns
             self.rank = max(rank, min(2 * rank, m // 4))
@@ -263,6 +277,36 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
         return None
     return CGResult(x=x, q=q, iterations=iterations, stop_reason="dense", saved=[(iterations, x, q)],
                     q_history=[0.0, q])
+
+
+def centred_step(J: Tensor, c: float, shift: float, output_grad: Tensor, center: Tensor,
+                 solve: Callable[[Tensor], CGResult | None]) -> CGResult | None:
+    """The damped step centred at δ_c: the minimiser of ½c‖Jδ‖² + uᵀJδ + ½s‖δ − δ_c‖²,
+    δ = δ_c − Jᵀ(c JJᵀ + sI)⁻¹(u + cJδ_c), by ``solve(u')`` (a residual-space solve of
+    (c JJᵀ + sI)w = u' returning −Jᵀw, :func:`residual_solve` or the sketched CG).
+
+    On points drawn afresh every step the exact damped step keeps nothing of earlier steps
+    outside the span of this batch's rows of J (3,500 of 116,865 dimensions on the heat
+    benchmark); centring the damping at δ_c = ζ·δ₍k−1₎ keeps, in the directions this batch
+    does not curve, what earlier batches found: the exact-solve form of CG's start from
+    ζ·δ₍k−1₎ (§10), which the paper notes generalises across minibatches better (§12.2).
+    In the directions the batch curves strongly the step is the uncentred one.
+
+    Returned with q the undamped-centre model the optimizer's ρ compares against,
+    q(δ) = ½c‖Jδ‖² + ½s‖δ‖² + uᵀJδ (computed, not assumed at a minimum); ``None`` when
+    the solve fails or q(δ) ≥ 0 (δ_c points uphill on this batch: the caller takes the
+    uncentred step)."""
+    u = output_grad.reshape(-1).to(J.dtype)
+    Jc = J @ center
+    result = solve(u + c * Jc)
+    if result is None:
+        return None
+    x = center + result.x
+    Jx = Jc + J @ result.x
+    q = 0.5 * c * float(Jx @ Jx) + 0.5 * shift * float(x @ x) + float(u @ Jx)
+    if not (math.isfinite(q) and q < 0 and bool(torch.isfinite(x).all())):
+        return None
+    return dataclasses.replace(result, x=x, q=q, saved=[(result.iterations, x, q)], q_history=[0.0, q])
 
 
 def dense_matrix(curvature: Any, reducer: Any = None) -> Tensor:

@@ -41,8 +41,8 @@ from .damped import DampedOperator, WeightDecay
 from .damping import Damping, DampingContext, Tikhonov
 from . import regime
 from .dense import (DENSE_PRODUCTS_PER_COLUMN, GAUSS_NEWTON_DAMPING, GAUSS_NEWTON_FALLBACK_ALPHA,
-                    GAUSS_NEWTON_LINE_SEARCH,
-                    SketchedSolver, dense_matrix, dense_solve, gram, output_hessian_scale, residual_solve)
+                    GAUSS_NEWTON_LINE_SEARCH, SKETCH_STOCHASTIC_TOLERANCE, SKETCH_TOLERANCE,
+                    SketchedSolver, centred_step, dense_matrix, dense_solve, gram, output_hessian_scale, residual_solve)
 from .diagnostics import StepDiagnostics, record
 from .distributed import Reducer, resolve_process_group
 from .evaluation import Evaluation, TrialCall, blame, evaluate, first_cases
@@ -86,7 +86,10 @@ class HessianFree(torch.optim.Optimizer):
             step counted in products from the batch sizes (:mod:`torch_hf.cg`; §4's
             economical truncation, more updates per second with minibatches).
             ``"progress"``: the paper's rule alone (precise full-batch fits gain from it).
-        cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero).
+        cg_decay: ζ, CG starts from ζ·δ₍k−1₎ (§10: 0.95; 0 starts from zero). Where the
+            step is solved exactly in residual space on a stochastic objective, its damping
+            is centred there instead: δ minimises the Gauss-Newton model plus
+            ½λ‖δ − ζδ₍k−1₎‖² (:func:`torch_hf.dense.centred_step`; ``0`` centres it at zero).
         backtracking_factor: CG keeps iterates ⌈γ^m⌉ for CG-backtracking (§8.7); ``None``
             disables backtracking (the last iterate is used).
         line_search_c: Armijo constant c (§8.8: 1e-2); ``None`` disables the line search.
@@ -429,19 +432,32 @@ class HessianFree(torch.optim.Optimizer):
                         B = dense_matrix(ev.curvature, reducer)
                     mean_diagonal = float(B.diagonal().mean()) if B is not None else 1.0
                 def exact(shift: float | Tensor, damped: bool) -> CGResult | None:
-                    nonlocal K
                     if residual is not None:
                         if J is None:
                             return None
                         u = ev.curvature.output_grads[0]
-                        # A damped system without the Gram matrix where that is the cost (torch_hf.dense)
-                        if K is None and damped and self._sketched.applies(J):
-                            sketched = self._sketched.solve(J, residual, float(shift), u)
-                            if sketched is not None:
-                                return sketched
-                        if K is None:
-                            K = gram(J)
-                        return residual_solve(J, residual, shift, u, ev.grad, K)
+
+                        def solve_for(v: Tensor) -> CGResult | None:
+                            nonlocal K
+                            # A damped system without the Gram matrix where that is the cost (torch_hf.dense)
+                            if K is None and damped and self._sketched.applies(J):
+                                sketched = self._sketched.solve(J, residual, float(shift), v, SKETCH_TOLERANCE
+                                                                if deterministic else SKETCH_STOCHASTIC_TOLERANCE)
+                                if sketched is not None:
+                                    return sketched
+                            if K is None:
+                                K = gram(J)
+                            return residual_solve(J, residual, shift, v, ev.grad, K)
+
+                        # On batches drawn afresh the damped step is centred at ζ·δ₍k−1₎ (torch_hf.dense)
+                        previous = state.get("delta")
+                        if damped and regime.describe(state) == "stochastic" and self.cg.decay > 0 \
+                                and previous is not None and previous.shape == ev.grad.shape:
+                            centred = centred_step(J, residual, float(shift), u, self.cg.decay * previous.to(J.dtype),
+                                                   solve_for)
+                            if centred is not None:
+                                return centred
+                        return solve_for(u)
                     return None if B is None else dense_solve(B, shift, decay.diagonal(), ev.grad)
 
                 shift = self.damping.diagonal()
