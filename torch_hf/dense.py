@@ -253,13 +253,11 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
     rz = torch.dot(r, z)
     # float32 cannot reach 1e-9: a thousand times its rounding unit there (1.2e-4)
     target = max(tolerance, 1000 * torch.finfo(J.dtype).eps) * float(u.norm())
-    iterations = 0
-    while float(r.norm()) > target and iterations < max_iterations:
+    iterations, r_norm = 0, float(r.norm())
+    while r_norm > target and iterations < max_iterations:
         Ap = c * (J @ (J.t() @ p)) + shift * p
         pAp = torch.dot(p, Ap)
-        if not float(pAp) > 0:
-            return None
-        a = rz / pAp  # a tensor: the updates need no host round trip beyond the checks
+        a = rz / pAp  # a tensor: the updates need no host round trip
         w.add_(a * p)
         r.sub_(a * Ap)
         z = precondition(r)
@@ -267,6 +265,11 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
         p = z + (rz_next / rz) * p
         rz = rz_next
         iterations += 1
+        # One host round trip an iteration: the curvature check and the residual together
+        # (an iterate past non-positive curvature is discarded with the whole solve).
+        curvature, r_norm = torch.stack([pAp, r.norm()]).tolist()
+        if not curvature > 0:
+            return None
     x = -(J.t() @ w)
     JJw = -(J @ x)  # JJᵀw, which also gives the true residual
     if not float((u - c * JJw - shift * w).norm()) <= 10 * target:  # the recursion drifts a little from the truth
