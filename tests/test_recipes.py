@@ -753,6 +753,56 @@ def test_scientific_recipe_passes_hfs_cg_rule_and_initial_damping(tmp_path):
     assert result["config"]["cg_stop"] == "rate" and result["history"][-1]["damping"] == 0.01
 
 
+def test_a_data_seed_draws_another_instance_of_a_published_pinn_problem(tmp_path):
+    """--data-seed: the same network (theirs), other points; the same seed, the same points."""
+    import torch
+
+    from recipes import pinns, scientific
+
+    theirs, other, again = (pinns.DangelPoisson("mlp-tanh-64", data_seed=s) for s in (None, 2, 2))
+    assert torch.equal(theirs.model()[0].weight, other.model()[0].weight)
+    assert not torch.equal(theirs.x_int, other.x_int) and not torch.equal(theirs.x_eval, other.x_eval)
+    assert torch.equal(other.x_int, again.x_int) and torch.equal(other.x_bnd, again.x_bnd)
+    result = scientific.main(["--problem", "poisson2d_257", "--optimizer", "hf", "--max-iters", "1",
+                              "--time-budget", "0", "--data-seed", "2", "--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "scientific_poisson2d_257_hf_data2.json").exists()
+    assert result[0]["config"]["data_seed"] == 2
+    with pytest.raises(SystemExit):
+        scientific.main(["--problem", "pinn", "--data-seed", "2", "--max-iters", "1", "--no-progress"])
+
+
+def test_exact_targets_are_the_same_points_targets_in_float64():
+    """--exact-targets: their points, the targets computed in float64; theirs differ from
+    them by float32 rounding (sin(float32(π)) ≈ −8.7e-8 on the faces x = 1 and y = 1)."""
+    import math
+
+    import torch
+
+    from recipes import pinns
+
+    theirs, exact = pinns.DangelPoisson("mlp-tanh-64"), pinns.DangelPoisson("mlp-tanh-64", exact_targets=True)
+    assert torch.equal(theirs.x_int, exact.x_int) and torch.equal(theirs.x_bnd, exact.x_bnd)
+    u = torch.prod(torch.sin(math.pi * exact.x_bnd), 1)
+    assert torch.equal(exact.g_bnd, u) and torch.equal(exact.f_int, 2 * math.pi ** 2 * torch.prod(
+        torch.sin(math.pi * exact.x_int), 1))
+    gap = (theirs.g_bnd - exact.g_bnd).abs().max()
+    assert 5e-8 < float(gap) < 1e-7 and 1e-7 < float((theirs.f_int - exact.f_int).abs().max()) < 1e-5
+    heat = pinns.DangelHeat("mlp-tanh-64", n_interior=30, n_boundary=20, exact_targets=True)
+    assert torch.equal(heat.g_bnd, heat.exact(heat.x_bnd))
+
+
+def test_the_data_floor_of_a_published_poisson_instance_is_its_float32_targets():
+    """benchmarks/pinn_data_floor.py: the exact least-squares fit of the benchmark's loss over
+    polynomials holds u* to ~1e-12 with float64 targets; the instance's float32 targets leave
+    an error near the published ENGD figure (6.2e-8) that no optimizer's fit removes."""
+    from benchmarks import pinn_data_floor as floor
+
+    (row,) = floor.main(["--degrees", "15"])
+    assert row["coefficients"] == 256
+    assert row["float64"][1] < 1e-10 and row["float64"][0] < 1e-20
+    assert 3e-8 < row["float32"][1] < 2e-7 and row["float32"][0] > 1e-13
+
+
 def test_the_published_pinn_benchmark_instances_are_rebuilt_as_their_repository_draws_them():
     """recipes/pinns.py: the network under seed 1 in float32, then the points from the global
     stream as it continues (their train.py), the exact solution scoring ~0 on the float32 targets."""
