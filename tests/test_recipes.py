@@ -65,6 +65,7 @@ def test_plot_several_results(tmp_path):
         _run(tmp_path, opt)
         paths.append(str(tmp_path / "out" / f"autoencoder_curves_{opt}_seed0.json"))
     out = plot_results(paths, str(tmp_path / "both.png"), title="both")
+    assert out == str(tmp_path / "both.png")
     assert (tmp_path / "both.png").read_bytes().startswith(PNG_MAGIC)
 
 
