@@ -297,12 +297,19 @@ def _reference_jacobian(model, fn):
     return torch.autograd.functional.jacobian(of_flat, theta)
 
 
-def test_graph_jacobian_of_a_pinn_closure_is_the_dense_jacobian():
+@pytest.mark.parametrize("chunk", [None, 1, 40])
+def test_graph_jacobian_of_a_pinn_closure_is_the_dense_jacobian(chunk, monkeypatch):
     """A weight used in the Laplacian's several passes (create_graph) and a residual vector
-    made of two terms: J read off the graph equals the dense Jacobian to rounding."""
+    made of two terms: J read off the graph equals the dense Jacobian to rounding, whether
+    its rows are assembled in one chunk, one row at a time or in chunks that do not divide
+    the rows (``chunk``: the entries formed at once)."""
     import math
 
+    import torch_hf.curvature.jacobian as jacobian
     from torch_hf.curvature.jacobian import graph_jacobian
+
+    if chunk is not None:
+        monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", chunk)
     from torch_hf.residuals import laplacian, residual_loss
 
     torch.manual_seed(0)
@@ -373,8 +380,14 @@ def test_graph_jacobian_of_a_system_of_equations_is_the_dense_jacobian():
     assert graph_jacobian(torch.tanh(narrow(x)), list(narrow.parameters())) is not None
 
 
-def test_graph_jacobian_of_vmapped_pointwise_residuals_is_their_jacobian():
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_graph_jacobian_of_vmapped_pointwise_residuals_is_their_jacobian(chunk, monkeypatch):
+    """Several rows per case (vmap's tangents), added by the case map, in one chunk or several."""
+    import torch_hf.curvature.jacobian as jacobian
     from torch_hf.curvature.jacobian import graph_jacobian
+
+    if chunk is not None:
+        monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", chunk)
     from test_residuals import _poisson
 
     model, pde, _ = _poisson(width=8, n_int=20, n_bnd=8)

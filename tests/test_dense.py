@@ -577,6 +577,57 @@ def test_the_sketch_rank_follows_the_iterations_it_saves():
     assert result is not None and result.iterations <= 3 and easy.rank == 100
 
 
+def test_a_second_system_of_the_same_jacobian_reuses_the_sketch(monkeypatch):
+    """Two damped systems of one J (another shift, another right-hand side) draw the
+    Nyström factor once and both solve to the residual-space step; a J refilled in place
+    draws a new one."""
+    import torch_hf.dense as dense
+    from torch_hf.dense import residual_solve
+
+    drawn = []
+    real = dense.nystrom_factor
+    monkeypatch.setattr(dense, "nystrom_factor", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    J, u = _decaying_jacobian()
+    solver = dense.SketchedSolver(rank=64, min_outputs=0)
+    for shift, v in ((1e-1, u), (1e-2, u.flip(0))):
+        got = solver.solve(J, 2.0, shift, v)
+        exact = residual_solve(J, 2.0, shift, v, J.t() @ v)
+        assert got is not None and float((got.x - exact.x).norm() / exact.x.norm()) <= 1e-7
+    assert len(drawn) == 1
+    J.mul_(2.0)
+    got = solver.solve(J, 2.0, 1e-1, u)
+    exact = residual_solve(J, 2.0, 1e-1, u, J.t() @ u)
+    assert len(drawn) == 2 and float((got.x - exact.x).norm() / exact.x.norm()) <= 1e-7
+
+
+@pytest.mark.parametrize("iterations, settled", [({256: 23, 512: 8}, 256), ({256: 52, 512: 7}, 512)])
+def test_the_sketch_rank_settles_on_the_cheaper_of_two(monkeypatch, iterations, settled):
+    """Where doubling the rank is proposed at one rank and halving at the other, the rank
+    whose recent solves cost less (columns + 14 columns an iteration) is kept, and the other
+    retried only once its cost is forgotten (the heat benchmark's 256 / 512 alternation)."""
+    import torch_hf.dense as dense
+    from torch_hf.cg import CGResult
+
+    def fake(J, c, shift, u, rank, budget, tolerance, generator=None, factor=None):
+        k = iterations[rank]
+        return CGResult(x=u, q=-1.0, iterations=k, stop_reason="dense", saved=[], q_history=[0.0, -1.0])
+
+    monkeypatch.setattr(dense, "nystrom_factor", lambda J, c, rank, generator: (None, None))
+    monkeypatch.setattr(dense, "sketched_residual_solve", fake)
+    solver = dense.SketchedSolver(rank=256, min_outputs=0)
+    J, u = torch.zeros(2048, 1, dtype=torch.float64), torch.zeros(2048, dtype=torch.float64)
+    ranks = []
+    for _ in range(20):
+        ranks.append(solver.rank)
+        J.add_(1.0)  # a new J each step (the optimizer refills one buffer)
+        solver.solve(J, 2.0, 1e-6, u)
+    other = 512 if settled == 256 else 256
+    # The rule alone would alternate (10 of each); the memory retries the other rank once
+    # per SKETCH_RANK_MEMORY solves.
+    assert ranks.count(other) <= 1 + 20 // (dense.SKETCH_RANK_MEMORY + 1)
+    assert ranks[-3:].count(settled) >= 2
+
+
 def test_on_fresh_points_the_sketched_step_is_the_damped_step():
     """Where the Gram matrix would be the cost (here: forced), the damped residual-space step
     (centred at ζ·δ₍k−1₎) comes from the sketched CG, to the stochastic tolerance (the points
@@ -586,6 +637,8 @@ def test_on_fresh_points_the_sketched_step_is_the_damped_step():
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_residuals import _poisson
+
+    from torch_hf.dense import SKETCH_STOCHASTIC_TOLERANCE
 
     model, pde, _ = _poisson()
     opt = torch_hf.HessianFree(model.parameters(), line_search_c=None, backtracking_factor=None)
@@ -608,12 +661,15 @@ def test_on_fresh_points_the_sketched_step_is_the_damped_step():
             moved = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
             assert opt.last_step.regime == "stochastic"
             assert opt.last_step.solver == "residual" and opt.last_step.cg_iterations > 0
-            assert float((moved - expected).norm() / expected.norm()) <= 1e-2
+            # CG's relative residual bounds the step's error up to the preconditioned system's
+            # condition number, q's to about its square
+            tolerance = SKETCH_STOCHASTIC_TOLERANCE
+            assert float((moved - expected).norm() / expected.norm()) <= 5 * tolerance
 
             def q(d, c=0.0):  # the damped model, its damping centred at c
                 return float((J @ d).square().sum()) + 0.5 * lam * float((d - c) @ (d - c)) + float(u @ (J @ d))
 
-            assert q(moved) == pytest.approx(q(expected), rel=1e-4)
+            assert q(moved) == pytest.approx(q(expected), rel=0.1 * tolerance)
             assert q(moved, center) >= q(expected, center)  # its minimum: no step of CG's is below it
     assert centred >= 1
 
@@ -643,10 +699,10 @@ def test_the_centred_step_minimises_the_damping_centred_at_the_previous_step():
     assert centred_step(J, c, s, u, uphill, lambda v: residual_solve(J, c, s, v, J.t() @ v)) is None
 
 
-def test_the_stochastic_tolerance_stops_cg_early_with_q_to_five_digits():
-    """On a stochastic objective the sketched CG stops at a relative residual of 1e-3
+def test_the_stochastic_tolerance_stops_cg_early_with_q_to_four_digits():
+    """On a stochastic objective the sketched CG stops at a relative residual of 1e-2
     (checked against the true residual): fewer iterations than to rounding, the same q to
-    a relative 1e-5 and the step to 1e-2."""
+    a relative 1e-4 and the step to 5e-2 (here 1.8e-5 and 2.6e-3)."""
     from torch_hf.dense import SKETCH_STOCHASTIC_TOLERANCE, residual_solve, sketched_residual_solve
 
     J, u = _decaying_jacobian()
@@ -660,8 +716,8 @@ def test_the_stochastic_tolerance_stops_cg_early_with_q_to_five_digits():
     w = torch.linalg.lstsq(J.t(), -loose.x.unsqueeze(1)).solution.squeeze(1)  # δ = −Jᵀw
     residual = u - c * (J @ (J.t() @ w)) - shift * w
     assert float(residual.norm() / u.norm()) <= 10 * SKETCH_STOCHASTIC_TOLERANCE
-    assert float((loose.x - exact.x).norm() / exact.x.norm()) <= 1e-2
-    assert loose.q == pytest.approx(exact.q, rel=1e-5) and loose.q >= exact.q - 1e-12 * abs(exact.q)
+    assert float((loose.x - exact.x).norm() / exact.x.norm()) <= 5 * SKETCH_STOCHASTIC_TOLERANCE
+    assert loose.q == pytest.approx(exact.q, rel=1e-2 * SKETCH_STOCHASTIC_TOLERANCE) and loose.q >= exact.q - 1e-12 * abs(exact.q)
 
 
 def test_the_sketched_solve_converges_in_float32_to_what_float32_resolves():

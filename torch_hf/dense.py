@@ -23,7 +23,7 @@ Where M is large (:data:`SKETCH_MIN_OUTPUTS`) the M × M Gram matrix J Jᵀ is m
 step's cost (27 s of a 31 s step on the heat benchmark, M = 3,500): the damped system
 (c JJᵀ + λI)w = u is then solved by CG preconditioned with a Nyström sketch of c JJᵀ
 from a few hundred of its columns (:class:`SketchedSolver`; to rounding on a deterministic
-objective, to a relative residual of 1e-3 on a stochastic one), the Gram matrix formed
+objective, to a relative residual of 1e-2 on a stochastic one), the Gram matrix formed
 only when that CG does not converge within its cost.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .cg import CGResult
 
 __all__ = ["DENSE_PRODUCTS_PER_COLUMN", "GAUSS_NEWTON_DAMPING", "GAUSS_NEWTON_FALLBACK_ALPHA",
            "GAUSS_NEWTON_LINE_SEARCH", "SKETCH_MIN_OUTPUTS", "SKETCH_STOCHASTIC_TOLERANCE", "SKETCH_TOLERANCE",
-           "SketchedSolver",
+           "SketchedSolver", "nystrom_factor",
            "centred_step", "dense_matrix", "dense_solve", "gram", "residual_solve", "sketched_residual_solve",
            "output_hessian_scale"]
 
@@ -161,17 +161,19 @@ SKETCH_MIN_OUTPUTS = 2048
 # solve's, whose own rounding is of that order there (κ·eps).
 SKETCH_TOLERANCE = 1e-9
 # On points drawn afresh every step (a stochastic objective) the step is an estimate anyway:
-# CG stops at this relative residual, where q(δ) agrees with the exact step's to 5e-8-1e-6
-# (relative) and the step to 2e-4-4e-4 (heat benchmark, s = 1e-4 to 1e-6, the weights after
-# 40 steps, ``benchmarks/jacobian_cost.py --sketch --tolerance 1e-3``), the loss at the new
-# point, on its draw and on a fresh one, to 3-4 digits; 3-10 iterations at rank 512 instead
-# of 8-26, and none of the steps that 1e-9 could not reach (then the Gram matrix was formed:
-# a 28 s step).
-SKETCH_STOCHASTIC_TOLERANCE = 1e-3
+# CG stops at this relative residual. On the heat benchmark (rank 256, the weights after 20
+# and 40 steps, s = λ and λ/10, by hand) the loss after the step, on its draw and on a fresh
+# one, is the exact step's to 0.08-0.23 % where the two draws differ by 0.6-24 %; q(δ) agrees
+# to 3e-6-1e-4 (relative), the step to 1.5e-3-3.4e-3; 3 / 5 / 7 / 19 iterations against
+# 4 / 7 / 9 / 25 at 1e-3 and 10 / 18 / 24 / 59 at 1e-9 (1e-1: the loss 0.3-7 % off). And none
+# of the steps that 1e-9 could not reach (then the Gram matrix was formed: a 28 s step).
+SKETCH_STOCHASTIC_TOLERANCE = 1e-2
 # One CG iteration (two passes over J, memory-bound) costs about as much as this many
 # columns of c JJᵀ (one matrix product J J_Sᵀ for all of them): 0.23 s against 7.2 s / 437
 # on the heat benchmark's J, one CPU thread.
 SKETCH_COLUMNS_PER_ITERATION = 14
+# How many solves a rank's measured cost (columns + iterations) is remembered for.
+SKETCH_RANK_MEMORY = 8
 
 
 class SketchedSolver:
@@ -183,6 +185,8 @@ class SketchedSolver:
 
     def __init__(self, rank: int = 256, seed: int = 0, min_outputs: int = SKETCH_MIN_OUTPUTS) -> None:
         self.rank, self.seed, self.min_outputs, self.calls = rank, seed, min_outputs, 0
+        self.costs: dict[int, tuple[int, int]] = {}  # rank -> (call, columns + iterations in columns)
+        self._factor: tuple | None = None  # (J's identity, (Û, Λ̂), rank) of the last factor drawn
 
     def applies(self, J: Tensor) -> bool:
         """Whether J has enough rows for the Gram matrix to be worth avoiding."""
@@ -194,39 +198,57 @@ class SketchedSolver:
         residual of (c JJᵀ + sI)w = u: :data:`SKETCH_TOLERANCE` on a deterministic objective,
         :data:`SKETCH_STOCHASTIC_TOLERANCE` on a stochastic one), or ``None`` when CG did not
         converge within a Gram matrix's worth of work (the caller then forms it); the rank
-        for the next call is adjusted either way."""
+        for the next call is adjusted either way (on a factor drawn for this call, not one
+        reused)."""
         m = J.shape[0]
+        # A second system of the same J in one step (the centred step's fallback, another
+        # damping) reuses the factor: it does not depend on the shift or the right-hand side.
+        # (A stale factor could only slow CG: the residual is checked against J itself.)
+        key = None
+        if J.is_contiguous():  # its address, version and a sample of its entries
+            sample = J.reshape(-1)[::max(1, J.numel() // 1024)]
+            key = (J.data_ptr(), J._version, tuple(J.shape), J.dtype, J.device, float(c), float(sample.sum()))
+        if key is not None and self._factor is not None and self._factor[0] == key:
+            _, factor, rank = self._factor
+            budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
+            return sketched_residual_solve(J, c, shift, output_grad, rank, budget, tolerance, factor=factor)
         rank = min(m, max(16, min(self.rank, m // 4)))
         # J Jᵀ by blocks costs about 0.56 M² n multiply-adds, M n per column at the same rate:
         # past this many iterations forming it would have been cheaper than carrying on.
         budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
         generator = torch.Generator(device=J.device).manual_seed(self.seed + self.calls)
         self.calls += 1
-        result = sketched_residual_solve(J, c, shift, output_grad, rank, budget, tolerance, generator)
+        factor = nystrom_factor(J, c, rank, generator)
+        self._factor = None if factor is None else (key, factor, rank)
+        result = None if factor is None else sketched_residual_solve(J, c, shift, output_grad, rank, budget,
+                                                                      tolerance, factor=factor)
         iterations = budget if result is None else result.iterations
+        cost = rank + SKETCH_COLUMNS_PER_ITERATION * iterations
+        self.costs[rank] = (self.calls, cost)
+        proposal = rank
         if SKETCH_COLUMNS_PER_ITERATION * iterations > rank:  # the iterations cost more than the columns
-            self.rank = max(rank, min(2 * rank, m // 4))
+            proposal = max(rank, min(2 * rank, m // 4))
         elif 4 * SKETCH_COLUMNS_PER_ITERATION * iterations < rank:
-            self.rank = max(16, rank // 2)
+            proposal = max(16, rank // 2)
+        # A rank tried within the last few calls that cost more than this one is not tried
+        # again yet: on the heat benchmark the rule alone alternates 256 (23 iterations) and
+        # 512 (8), the slower of the two every other step. The shift falls from step to
+        # step, so an entry is forgotten after SKETCH_RANK_MEMORY calls.
+        tried = self.costs.get(proposal)
+        if proposal != rank and tried is not None and self.calls - tried[0] <= SKETCH_RANK_MEMORY \
+                and tried[1] >= cost:
+            proposal = rank
+        self.rank = proposal
         return result
 
 
-def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, rank: int,
-                            max_iterations: int, tolerance: float = SKETCH_TOLERANCE,
-                            generator: torch.Generator | None = None) -> CGResult | None:
-    """δ = −Jᵀ(c JJᵀ + sI)⁻¹u as :func:`residual_solve` computes it, without forming JJᵀ:
-    CG on (c JJᵀ + sI)w = u preconditioned with the column Nyström approximation
-    K̂ = K_{:S} K_{SS}⁺ K_{S:} = Û Λ̂ Ûᵀ of K = c JJᵀ (K_SS⁺ on K_SS's numerical range), its ``rank`` columns S drawn without
-    replacement with probability ∝ K's diagonal (one product c J J_Sᵀ), and
-    P⁻¹ = Û (λ̂_r + s)(Λ̂ + sI)⁻¹ Ûᵀ + (I − ÛÛᵀ) (Frangella, Tropp & Udell, *Randomized
-    Nyström preconditioning*, 2023). A PINN's JJᵀ has a few hundred eigenvalues above λ and
-    the rest near rounding, so a sketch of that rank leaves CG tens of iterations.
-
-    q(δ) = ½ c‖Jδ‖² + ½ s‖δ‖² + ∇fᵀδ is evaluated from the final w exactly (not assumed
-    at the minimum). ``None`` when the true relative residual is above ``tolerance`` (at
-    least 1000 rounding units of J's dtype) after
-    ``max_iterations`` iterations, or on a non-finite or non-positive quantity."""
-    u = output_grad.reshape(-1).to(J.dtype)
+def nystrom_factor(J: Tensor, c: float, rank: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor] | None:
+    """(Û, Λ̂) of the column Nyström approximation K̂ = K_{:S} K_{SS}⁺ K_{S:} = Û Λ̂ Ûᵀ of
+    K = c JJᵀ (K_SS⁺ on K_SS's numerical range), its ``rank`` columns S drawn without
+    replacement with probability ∝ K's diagonal (one product c J J_Sᵀ), λ̂ in descending
+    order; ``None`` on a non-finite or zero J. It does not depend on the shift: one factor
+    serves every damped system of the same J."""
     diagonal = torch.linalg.vector_norm(J, dim=1).square()  # no M × n temporary
     if not (bool(torch.isfinite(diagonal).all()) and float(diagonal.sum()) > 0):
         return None
@@ -240,7 +262,30 @@ def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tens
         return None
     B = Y @ (Q[:, keep] / theta[keep].sqrt())  # B Bᵀ = K_{:S} K_SS⁺ K_{S:}, on K_SS's numerical range
     U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
-    lam_hat = sigma ** 2
+    return U, sigma ** 2
+
+
+def sketched_residual_solve(J: Tensor, c: float, shift: float, output_grad: Tensor, rank: int,
+                            max_iterations: int, tolerance: float = SKETCH_TOLERANCE,
+                            generator: torch.Generator | None = None,
+                            factor: tuple[Tensor, Tensor] | None = None) -> CGResult | None:
+    """δ = −Jᵀ(c JJᵀ + sI)⁻¹u as :func:`residual_solve` computes it, without forming JJᵀ:
+    CG on (c JJᵀ + sI)w = u preconditioned with the column Nyström approximation
+    K̂ = Û Λ̂ Ûᵀ of K = c JJᵀ from ``rank`` of its columns (:func:`nystrom_factor`, or
+    ``factor`` when one was drawn for this J and c already), and
+    P⁻¹ = Û (λ̂_r + s)(Λ̂ + sI)⁻¹ Ûᵀ + (I − ÛÛᵀ) (Frangella, Tropp & Udell, *Randomized
+    Nyström preconditioning*, 2023). A PINN's JJᵀ has a few hundred eigenvalues above λ and
+    the rest near rounding, so a sketch of that rank leaves CG tens of iterations.
+
+    q(δ) = ½ c‖Jδ‖² + ½ s‖δ‖² + ∇fᵀδ is evaluated from the final w exactly (not assumed
+    at the minimum). ``None`` when the true relative residual is above ``tolerance`` (at
+    least 1000 rounding units of J's dtype) after
+    ``max_iterations`` iterations, or on a non-finite or non-positive quantity."""
+    u = output_grad.reshape(-1).to(J.dtype)
+    factor = factor if factor is not None else nystrom_factor(J, c, rank, generator)
+    if factor is None:
+        return None
+    U, lam_hat = factor
     scale = (lam_hat[-1] + shift) / (lam_hat + shift)
 
     def precondition(v: Tensor) -> Tensor:

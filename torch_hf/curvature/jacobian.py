@@ -44,7 +44,7 @@ GRAPH_JACOBIAN_MAX_ENTRIES = 1 << 29  # the largest J the optimizer reads: 4 GiB
 # Two backward passes per colour: past this many (a wide vector output, e.g. an
 # autoencoder's pixels) CG's products cost less than reading J.
 MAX_COLORS = 32
-_CHUNK_ENTRIES = 1 << 21  # rows × weight entries formed at once: 16 MB in float64, below malloc's mmap threshold
+_CHUNK_ENTRIES = 1 << 19  # rows × weight entries formed at once: 4 MB in float64, cache-resident
 
 
 def graph_jacobian(outputs: Tensor, params: list[Tensor], max_entries: int | None = None,
@@ -184,12 +184,22 @@ def _assemble(J: Tensor, groups: dict, params: list[Tensor], offsets: list[int])
         if parts[0][1] is None:
             cols.index_add_(0, sigma, sum(g for g, _ in parts).to(J.dtype))
             continue
-        left = torch.stack([a for a, _ in parts], dim=2)   # rows × a × uses
-        right = torch.stack([b for _, b in parts], dim=1)  # rows × uses × b
+        lefts, rights = [x for x, _ in parts], [y for _, y in parts]
+        a, b = lefts[0].shape[1], rights[0].shape[1]
+        # Rows in case order (one row per case, cases consecutive: a batched closure's
+        # residuals) are added in place into J's rows, with no block and no index.
+        start = int(sigma[0]) if len(sigma) else 0
+        consecutive = bool(len(sigma)) and torch.equal(sigma, torch.arange(start, start + len(sigma),
+                                                                         device=sigma.device))
         step = max(1, _CHUNK_ENTRIES // params[i].numel())
         for s in range(0, len(sigma), step):
-            block = torch.bmm(left[s:s + step], right[s:s + step]).reshape(-1, params[i].numel())
-            cols.index_add_(0, sigma[s:s + step], block.to(J.dtype))
+            # Stacked chunk by chunk: small and cache-resident, never a fresh large buffer.
+            L = torch.stack([x[s:s + step] for x in lefts], dim=2).to(J.dtype)   # rows × a × uses
+            R = torch.stack([y[s:s + step] for y in rights], dim=1).to(J.dtype)  # rows × uses × b
+            if consecutive:
+                cols[start + s:start + s + L.shape[0]].view(-1, a, b).baddbmm_(L, R)
+            else:
+                cols.index_add_(0, sigma[s:s + step], torch.bmm(L, R).reshape(-1, a * b))
 
 
 def _cotangents(z: Tensor, seed: Tensor, nodes: dict, params: list[Tensor]) -> dict[int, Tensor]:
