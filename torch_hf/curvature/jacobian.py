@@ -24,7 +24,7 @@ Cost: three backward passes and the outer products (M·n·uses multiply-adds, on
 matrix product per weight and chunk of rows, added in place into J's rows where they come
 in case order): on the heat benchmark's 116,865-parameter network with 3,500 residuals,
 2.0–2.4 s with ``out`` reused (the outer products 0.3 s of it; the first call, which
-touches J's 3.3 GB, about 10 s) against 49 s for ``torch.func.vmap`` of ``jacrev`` point by
+touches J's 3.3 GB, 10–30 s) against 49 s for ``torch.func.vmap`` of ``jacrev`` point by
 point; on the 116,097-parameter Poisson network 0.08× its cost (``benchmarks/jacobian_cost.py``;
 docs/benchmarks.md, the heat step made faster).
 """
