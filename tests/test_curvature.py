@@ -307,10 +307,10 @@ def test_graph_jacobian_of_a_pinn_closure_is_the_dense_jacobian(chunk, monkeypat
 
     import torch_hf.curvature.jacobian as jacobian
     from torch_hf.curvature.jacobian import graph_jacobian
+    from torch_hf.residuals import laplacian, residual_loss
 
     if chunk is not None:
         monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", chunk)
-    from torch_hf.residuals import laplacian, residual_loss
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
@@ -386,9 +386,10 @@ def test_graph_jacobian_of_vmapped_pointwise_residuals_is_their_jacobian(chunk, 
     import torch_hf.curvature.jacobian as jacobian
     from torch_hf.curvature.jacobian import graph_jacobian
 
+    from test_residuals import _poisson
+
     if chunk is not None:
         monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", chunk)
-    from test_residuals import _poisson
 
     model, pde, _ = _poisson(width=8, n_int=20, n_bnd=8)
     J = graph_jacobian(pde()[1], list(model.parameters()))

@@ -662,7 +662,7 @@ def test_on_fresh_points_the_sketched_step_is_the_damped_step():
             assert opt.last_step.regime == "stochastic"
             assert opt.last_step.solver == "residual" and opt.last_step.cg_iterations > 0
             # CG's relative residual bounds the step's error up to the preconditioned system's
-            # condition number, q's to about its square
+            # condition number; q, stationary at the exact step, is off by less
             tolerance = SKETCH_STOCHASTIC_TOLERANCE
             assert float((moved - expected).norm() / expected.norm()) <= 5 * tolerance
 

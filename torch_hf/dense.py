@@ -172,7 +172,8 @@ SKETCH_STOCHASTIC_TOLERANCE = 1e-2
 # columns of c JJᵀ (one matrix product J J_Sᵀ for all of them): 0.23 s against 7.2 s / 437
 # on the heat benchmark's J, one CPU thread.
 SKETCH_COLUMNS_PER_ITERATION = 14
-# How many solves a rank's measured cost (columns + iterations) is remembered for.
+# How many solves a rank's cost (its columns + SKETCH_COLUMNS_PER_ITERATION per CG iteration)
+# is remembered for.
 SKETCH_RANK_MEMORY = 8
 
 
@@ -210,12 +211,10 @@ class SketchedSolver:
             key = (J.data_ptr(), J._version, tuple(J.shape), J.dtype, J.device, float(c), float(sample.sum()))
         if key is not None and self._factor is not None and self._factor[0] == key:
             _, factor, rank = self._factor
-            budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
-            return sketched_residual_solve(J, c, shift, output_grad, rank, budget, tolerance, factor=factor)
+            return sketched_residual_solve(J, c, shift, output_grad, rank, _iteration_budget(m, rank), tolerance,
+                                           factor=factor)
         rank = min(m, max(16, min(self.rank, m // 4)))
-        # J Jᵀ by blocks costs about 0.56 M² n multiply-adds, M n per column at the same rate:
-        # past this many iterations forming it would have been cheaper than carrying on.
-        budget = max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
+        budget = _iteration_budget(m, rank)
         generator = torch.Generator(device=J.device).manual_seed(self.seed + self.calls)
         self.calls += 1
         factor = nystrom_factor(J, c, rank, generator)
@@ -240,6 +239,12 @@ class SketchedSolver:
             proposal = rank
         self.rank = proposal
         return result
+
+
+def _iteration_budget(m: int, rank: int) -> int:
+    """CG iterations after which forming J Jᵀ would have been cheaper: by blocks it costs
+    about 0.56 M² n multiply-adds, a column M n at the same rate."""
+    return max(20, int((0.56 * m - rank) / SKETCH_COLUMNS_PER_ITERATION))
 
 
 def nystrom_factor(J: Tensor, c: float, rank: int,
