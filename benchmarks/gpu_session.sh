@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# What a lent GPU machine runs in one call: the whole suite on CUDA with every failure and
-# skip named, then the GPU benchmarks, each part under its own time limit. Every log is kept
-# whole in OUT_DIR, with a one-line status per part in OUT_DIR/summary.txt; with BUNDLE=FILE
-# the folder is also packed into FILE after every part (a run stopped at its limit keeps
-# what it had).
+# What a lent GPU machine runs: the whole suite on CUDA with every failure and skip named,
+# then the GPU benchmarks, each part under its own time limit. Every log is kept whole in
+# OUT_DIR, with a one-line status per part in OUT_DIR/summary.txt; with BUNDLE=FILE the
+# folder is also packed into FILE after every part (a run stopped at its limit keeps what it
+# had).
 # Usage (repo root): bash benchmarks/gpu_session.sh OUT_DIR [PART...]
-#   PARTS (default "suite phases rnn curves cost", about 6 minutes on an H200):
-#     suite 100 s, phases 20 s, rnn 15 s, curves 170 s (HF and Adam, 60 s of training each),
-#     cost 15 s; also rnncpu 20 s, overhead 50 s, scale 60 s, memory 30 s
-#   on the device tool: BUNDLE=$OUT/gpu_logs.tgz bash benchmarks/gpu_session.sh /tmp/gpu suite phases
+#   PARTS: suite 100-200 s; phases 20 s; cost 15 s; rnn 15 s (the T = 200 product); rnn200
+#     60 s (the RNN recipe at T = 200 for 45 s: updates, time per update); curves 170 s (HF
+#     and one Adam, 60 s of training each); solo4 300 s (benchmarks/gpu_curves.py --stage
+#     solo: Adam's rates alone, HF for 4 minutes); shared 300 s (the suite and the Adam
+#     grid of gpu_curves.py sharing the GPU: the grid's error at a given number of updates
+#     does not depend on sharing, the suite only passes or fails); also rnncpu, overhead,
+#     scale, memory.
+#   Profiles: one-call = suite phases cost rnn rnn200 curves (about 7 minutes, one call);
+#     call1 = phases cost rnn rnn200 solo4 (about 7 minutes) and call2 = shared (about 5),
+#     two calls back to back on one warm machine with the same OUT_DIR inside the
+#     repository (results/ is ignored, so it stays between calls): everything issue 26
+#     asks for in one lent session of 15 minutes. Default: one-call.
+#   on the device tool: BUNDLE=$OUT/gpu1.tgz bash benchmarks/gpu_session.sh results/gpu call1
+#                       BUNDLE=$OUT/gpu2.tgz bash benchmarks/gpu_session.sh results/gpu call2
 set -u
 OUT=${1:-results/gpu}
 shift || true
-PARTS=${*:-suite phases rnn curves cost}
+PARTS=${*:-one-call}
+PARTS=${PARTS//one-call/suite phases cost rnn rnn200 curves}
+PARTS=${PARTS//call1/phases cost rnn rnn200 solo4}
+PARTS=${PARTS//call2/shared}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-: > "$OUT/summary.txt"
+echo "== $(date -u +%FT%TZ) parts: $PARTS" >> "$OUT/summary.txt"
 
 pack() {
   if [ -n "${BUNDLE:-}" ]; then tar -C "$OUT" -czf "$BUNDLE" . 2>/dev/null; fi
@@ -39,15 +52,18 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
   nproc; } > "$OUT/machine.txt" 2>&1
 grep -E "torch|H200|H100" "$OUT/machine.txt" | head -n 3
 
-if want suite; then
-  # -rfEs names every failure, error and skip (with its reason) at the end of the log; xdist
-  # where it is installed (the CUDA image has it), each worker with two threads.
-  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
-  OMP_NUM_THREADS=2 part pytest 200 python3 -m pytest -q -p no:cacheprovider -rfEs $xdist \
+suite() {  # suite WORKERS LIMIT: -rfEs names every failure, error and skip (with its reason) at the
+  # end of the log; xdist where it is installed (the CUDA image has it), two threads a worker
+  local xdist
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n $1")
+  OMP_NUM_THREADS=2 part pytest "$2" python3 -m pytest -q -p no:cacheprovider -rfEs $xdist \
     --junitxml="$OUT/pytest.xml" tests
   grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/pytest.log" > "$OUT/pytest_failures_and_skips.txt"
   pack
-fi
+}
+CURVES4=(python3 benchmarks/gpu_curves.py --device cuda --budgets 60 240 --probe-seconds 10 --out "$OUT/curves4")
+
+want suite && suite 6 200
 want phases && part step_phases 80 python3 benchmarks/step_phases.py --device cuda --json "$OUT/step_phases.json" \
   --profile "$OUT/step_phases_profile.txt"
 want cost && part curvature_cost 45 python3 benchmarks/curvature_cost.py --device cuda --reps 21 --json "$OUT/curvature_cost_cuda.json"
@@ -58,6 +74,15 @@ if want curves; then  # CURVES, 60 s of training each: HF at the issue's 5000 / 
     --curvature-batch-size 1250 --no-progress --out "$OUT/curves" --tag hf_5000
   part curves_adam 95 python3 recipes/autoencoder.py --device cuda --optimizer adam --lr 3e-3 --batch-size 1000 \
     --time-budget 60 --no-progress --out "$OUT/curves" --tag adam_3e-3_1000
+fi
+want rnn200 && part rnn200_cuda 90 python3 recipes/rnn_pathological.py --task addition --T 200 --device cuda \
+  --time-budget 45 --eval-every 15 --no-progress --overwrite --out "$OUT/rnn200"
+want solo4 && part curves4_solo 360 "${CURVES4[@]}" --stage solo
+if want shared; then  # the suite (fewer workers: the grid's six processes take a core each) beside the grid
+  suite 4 330 &
+  part curves4_grid 330 "${CURVES4[@]}" --stage grid --guard 300 --parallel 6
+  wait
+  pack
 fi
 want overhead && part step_overhead 50 python3 benchmarks/step_overhead.py --device cuda --json "$OUT/step_overhead_cuda.json"
 want scale && part gpu_scale 60 python3 benchmarks/gpu_scale.py --device cuda --no-offload --json "$OUT/gpu_scale.json"

@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--download", action="store_true", help="MNIST: let torchvision download the IDX files")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--distributed", action="store_true",
-                    help="HF only: data parallelism under torchrun (gloo on CPU, NCCL on CUDA); each process "
-                         "holds 1/N of every gradient and curvature batch")
+                    help="HF only: data parallelism under torchrun (gloo on CPU, NCCL on CUDA with a GPU per process, "
+                         "gloo when processes share a GPU); each process holds 1/N of every gradient and "
+                         "curvature batch")
     ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                     help="HF: run the closure's forward pass under torch.autocast (CG vectors stay float32)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
@@ -303,8 +304,9 @@ def _optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     wd = cfg["weight_decay"]
     if cfg["optimizer"] == "hf":
         return torch_hf.HessianFree(model.parameters(), lr=cfg["lr"], weight_decay=wd, **hf_options(cfg))
-    if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd)
+    if cfg["optimizer"] == "adam":  # on CUDA the fused kernel, the fastest Adam torch has there
+        fused = True if next(model.parameters()).is_cuda else None
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=wd, fused=fused)
     return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=wd)
 
 
@@ -313,15 +315,16 @@ def _updater(cfg: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, x_tr
              cases: list[int]) -> Callable[[], dict]:
     """One update on the next minibatch (this process's shard of it under --distributed);
     returns HF's diagnostics for the next evaluation row."""
-    n, state = len(x_train), {"perm": torch.randperm(len(x_train), generator=gen), "cursor": 0}
+    # the epoch's permutation lives on the device: no host-to-device copy (a stall on CUDA) per update
+    n, state = len(x_train), {"perm": torch.randperm(len(x_train), generator=gen).to(device), "cursor": 0}
     autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("autocast") or "none"]
 
     def next_batch() -> torch.Tensor:
         if batch == n:
             return x_train
         if state["cursor"] + batch > n:
-            state["perm"], state["cursor"] = torch.randperm(n, generator=gen), 0
-        idx = state["perm"][state["cursor"] : state["cursor"] + batch].to(device)
+            state["perm"], state["cursor"] = torch.randperm(n, generator=gen).to(device), 0
+        idx = state["perm"][state["cursor"] : state["cursor"] + batch]
         state["cursor"] += batch
         return x_train[idx]
 
@@ -366,19 +369,39 @@ def _updater(cfg: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, x_tr
     return update
 
 
+def distributed_placement(device_type: str, local_rank: int, local_world: int, gpus: int) -> tuple[int | None, str]:
+    """(this process's GPU index, backend) under torchrun: on CUDA one GPU per process and
+    NCCL when the node has a GPU for each of its ``local_world`` processes; with fewer GPUs
+    the processes share them round-robin over gloo (gloo all-reduces CUDA tensors; NCCL
+    refuses two ranks on one device). On CPU: (None, "gloo")."""
+    if device_type != "cuda":
+        return None, "gloo"
+    if gpus < 1:
+        raise SystemExit("--distributed --device cuda: no CUDA device is visible")
+    if local_world <= gpus:
+        return local_rank, "nccl"
+    return local_rank % gpus, "gloo"
+
+
 def _init_distributed(cfg: dict, device: torch.device) -> tuple[torch.device, int, int]:
-    """Join the torchrun group: NCCL and one GPU per process on CUDA, gloo on CPU."""
+    """Join the torchrun group (:func:`distributed_placement` picks the GPU and backend)."""
     import torch.distributed as dist
 
     if cfg["optimizer"] != "hf":
         raise SystemExit("--distributed runs HF (the baselines would need DistributedDataParallel)")
     if "RANK" not in os.environ:
         raise SystemExit("--distributed: launch with torchrun --nproc_per_node=N recipes/autoencoder.py --distributed")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    index, backend = distributed_placement(device.type, local_rank, local_world, gpus)
+    if index is not None:
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
+        if backend == "gloo" and local_rank == 0:
+            print(f"--distributed: {local_world} processes share {gpus} GPU(s); gloo all-reduces their CUDA tensors")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     return device, dist.get_rank(), dist.get_world_size()
 
 

@@ -89,8 +89,9 @@ def test_plot_by_task_draws_one_panel_per_task_and_length(tmp_path, capsys):
         plot.plot_by_task([], tmp_path / "none.png")
 
 
-def test_autoencoder_recipe_under_torchrun(tmp_path):
-    """--distributed with 2 gloo processes: runs, rank 0 writes results close to one process's."""
+def _autoencoder_under_torchrun(tmp_path, device: str) -> tuple[dict, dict]:
+    """The recipe under ``torchrun --nproc_per_node=2 --distributed`` and in one process,
+    both on ``device``: (rank 0's result, the single process's)."""
     import socket
     import subprocess
     import sys
@@ -103,17 +104,72 @@ def test_autoencoder_recipe_under_torchrun(tmp_path):
     (tmp_path / "cache").mkdir()
     common = ["--max-iters", "2", "--time-budget", "0", "--train-size", "120", "--test-size", "40", "--batch-size",
               "60", "--curvature-batch-size", "30", "--cg-max-iters", "4", "--no-progress", "--threads", "1",
-              "--data-dir", str(tmp_path / "cache")]
+              "--data-dir", str(tmp_path / "cache"), "--device", device]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(script), "--distributed", "--out", str(tmp_path / "dist"), *common]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     dist_result = json.loads((tmp_path / "dist" / "autoencoder_curves_hf_seed0.json").read_text())
-    single = autoencoder.main(["--out", str(tmp_path / "single"), *common])
+    return dist_result, autoencoder.main(["--out", str(tmp_path / "single"), *common])
+
+
+def _check_torchrun_result(dist_result: dict, single: dict) -> None:
     assert dist_result["final"]["iterations"] == 2 and dist_result["config"]["distributed"]
     # Same data, same steps; only the curvature subset differs (15 cases from each shard).
     assert dist_result["final"]["train_error"] == pytest.approx(single["final"]["train_error"], rel=1e-2)
     assert dist_result["final"]["train_error"] < dist_result["history"][0]["train_error"]
+
+
+def test_autoencoder_recipe_under_torchrun(tmp_path):
+    """--distributed with 2 gloo processes: runs, rank 0 writes results close to one process's."""
+    _check_torchrun_result(*_autoencoder_under_torchrun(tmp_path, "cpu"))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_autoencoder_recipe_under_torchrun_on_cuda(tmp_path):
+    """torchrun --nproc_per_node=2 --distributed --device cuda: one GPU per process over
+    NCCL where the machine has two, both processes on one GPU over gloo where it has one."""
+    _check_torchrun_result(*_autoencoder_under_torchrun(tmp_path, "cuda"))
+
+
+@pytest.mark.parametrize("device_type, local_rank, local_world, gpus, expected", [
+    ("cpu", 1, 2, 0, (None, "gloo")),
+    ("cuda", 0, 1, 1, (0, "nccl")),
+    ("cuda", 3, 4, 8, (3, "nccl")),
+    ("cuda", 1, 2, 1, (0, "gloo")),  # two processes share the one GPU
+    ("cuda", 3, 4, 2, (1, "gloo")),  # round-robin
+])
+def test_distributed_placement_shares_gpus_over_gloo_when_there_are_fewer_than_processes(
+        device_type, local_rank, local_world, gpus, expected):
+    assert autoencoder.distributed_placement(device_type, local_rank, local_world, gpus) == expected
+
+
+def test_distributed_placement_refuses_cuda_without_a_gpu():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        autoencoder.distributed_placement("cuda", 0, 2, 0)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer", ["hf", "adam"])
+def test_autoencoder_recipe_trains_on_cuda(tmp_path, optimizer):
+    """A few updates on CUDA: the error falls; Adam is the fused kernel there."""
+    result = autoencoder.main(["--device", "cuda", "--optimizer", optimizer, "--max-iters", "3", "--time-budget", "0",
+                               "--train-size", "200", "--test-size", "50", "--batch-size", "100",
+                               *(["--curvature-batch-size", "50"] if optimizer == "hf" else ["--lr", "1e-2"]),
+                               "--no-progress", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result["final"]["iterations"] == 3
+    assert result["history"][-1]["train_error"] < result["history"][0]["train_error"]
+
+
+def test_recipe_adam_is_fused_exactly_on_cuda():
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    opt = autoencoder._optimizer({"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}, model)
+    assert not opt.defaults["fused"]
+    if torch.cuda.is_available():
+        opt = autoencoder._optimizer({"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}, model.cuda())
+        assert opt.defaults["fused"]
 
 
 # -- the pathological RNN problems ---------------------------------------------------
@@ -564,6 +620,44 @@ def test_hf_vs_adam_benchmark_job_and_report():
     assert (kfac.preconditioner.decay, kfac.preconditioner.inverse_every) == (0.95, 5)
     ggn = bench.build_hf(params, bench.parse_hf_options(["preconditioner=ggn"]))
     assert ggn.preconditioner.decay == 0.0
+
+
+def test_gpu_curves_benchmark_sets_hf_against_adam_at_its_equal_time_update_count(tmp_path):
+    """benchmarks/gpu_curves.py: Adam's rate from the last three quarters of a probe, the
+    grid run to rate × budget updates (a stage apart from the solo runs), HF read at or
+    before each budget, and the ratio to the best Adam."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import gpu_curves as bench
+
+    history = [{"iter": 0, "time_s": 0.0}, {"iter": 5, "time_s": 1.0}, {"iter": 25, "time_s": 2.0},
+               {"iter": 45, "time_s": 3.0}, {"iter": 65, "time_s": 4.0}]
+    assert bench.steady_rate(history) == pytest.approx(20.0)  # warm-up before 1 s left out
+    assert bench.row_at_time(history, 2.5)["iter"] == 25 and bench.row_at_time(history, 2.0)["iter"] == 25
+    assert bench.row_at_updates(history, 40)["iter"] == 45
+    with pytest.raises(ValueError, match="before"):
+        bench.row_at_time(history[1:], 0.5)
+
+    common = ["--device", "cpu", "--budgets", "0.5", "1", "--probe-seconds", "0.5", "--eval-every", "0.2",
+              "--train-size", "200", "--test-size", "50", "--hf-batch", "100", "--hf-curvature-batch", "25",
+              "--adam-batches", "50", "--adam-lrs", "1e-3", "1e-2", "--parallel", "2",
+              "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="solo stage"):
+        bench.main(["--stage", "grid", *common])
+    assert bench.main(["--stage", "solo", *common])["adam_rates"][50] > 0
+    summary = bench.main(["--stage", "grid", *common])
+    rate = summary["adam_rates"][50]
+    assert [e["budget_s"] for e in summary["budget_rows"]] == [0.5, 1.0]
+    for tag, cfg in summary["adam"].items():
+        assert cfg["updates"] == cfg["target_updates"] == math.ceil(rate * 1.0)
+    last = summary["budget_rows"][-1]
+    assert last["hf_time_s"] <= 1.0 and last["adam"][last["best_adam"]]["updates"] == math.ceil(rate)
+    assert last["ratio_hf_over_best_adam"] == pytest.approx(
+        last["hf_train_error"] / min(a["train_error"] for a in last["adam"].values()))
+    assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "curves.png").exists()
 
 
 @pytest.mark.parametrize("task", ["addition", "xor", "temporal_order", "random_permutation", "memorization"])
