@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                     10 * args.probe_seconds + 120, out / "logs")
         probe = load(out, "adam", tag, args.seed)
         if probe is None:
-            raise SystemExit(f"no Adam probe at batch {batch} in {out} (see {out}/logs/{tag}.log; the grid stage "
-                             "needs the solo stage's results)")
+            raise SystemExit(f"the Adam probe at batch {batch} wrote no result: see {out}/logs/{tag}.log" if solo else
+                             f"no Adam probe at batch {batch} in {out}: the grid stage needs the solo stage's results")
         rates[batch] = steady_rate(probe["history"])
 
     # 2. HF alone
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_all({"hf": recipe_command(out, "hf", args, *hf_options)}, 1, longest * 3 + 120, out / "logs")
     hf = load(out, "hf", "hf", args.seed)
     if hf is None:
-        raise SystemExit(f"no HF run in {out}: see {out}/logs/hf.log")
+        raise SystemExit(f"the HF run wrote no result: see {out}/logs/hf.log" if solo else
+                         f"no HF run in {out}: the grid stage needs the solo stage's results")
     if args.stage == "solo":
         print(f"solo stage done in {time.perf_counter() - t_start:.0f} s: Adam's rates alone "
               + ", ".join(f"batch {b}: {r:.0f} updates/s" for b, r in rates.items())

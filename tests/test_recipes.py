@@ -259,6 +259,24 @@ def test_rnn_task_defaults_apply_unless_the_cli_overrides_them(tmp_path):
     assert adam["batch_size"] == 100
 
 
+@pytest.mark.parametrize("task, device, expected", [
+    ("addition", "cpu", (1000, 250, "progress")),
+    ("addition", "cuda", (4000, 1000, "progress")),
+    ("temporal_order", "cuda:1", (4000, 1000, "progress")),
+    ("xor", "cpu", (16000, 1000, "rate")),
+    ("xor", "cuda", (16000, 1000, "rate")),
+])
+def test_rnn_hf_batches_follow_the_device_unless_given(task, device, expected):
+    from recipes import rnn_pathological as rp
+
+    d = rp.hf_batch_defaults(task, device)
+    assert (d["batch_size"], d["curvature_batch_size"], d["cg_stop"]) == expected
+    cfg = {"task": task, "device": device, "optimizer": "hf", "batch_size": 500, "curvature_batch_size": None,
+           "cg_stop": None}
+    rp._fill_defaults(cfg)
+    assert (cfg["batch_size"], cfg["curvature_batch_size"]) == (500, expected[1])
+
+
 def test_rnn_damping_floor_and_exact_hessian_options(tmp_path):
     from recipes import rnn_pathological as rp
 
