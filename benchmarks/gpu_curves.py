@@ -176,24 +176,21 @@ def main(argv: list[str] | None = None) -> dict:
                                     "--eval-every", str(args.eval_every), "--threads", "1")
                 for tag, (lr, batch) in grid.items()}
     run_all(commands, args.parallel, args.guard, out / "logs")
+    adam = {tag: res for tag in grid if (res := load(out, "adam", tag, args.seed)) is not None}
 
     summary: dict = {"device": args.device, "budgets": args.budgets, "adam_rates": rates, "budget_rows": [],
                      "hf": {"batch": hf["config"]["gradient_batch"], "curvature_batch": hf["config"]["curvature_batch"],
                             "updates": hf["final"]["iterations"]},
                      "adam": {}, "wall_s": None}
     for tag, (lr, batch) in grid.items():
-        res = load(out, "adam", tag, args.seed)
         summary["adam"][tag] = {"lr": lr, "batch": batch, "target_updates": math.ceil(rates[batch] * longest),
-                                "updates": None if res is None else res["final"]["iterations"]}
+                                "updates": adam[tag]["final"]["iterations"] if tag in adam else None}
     for budget in args.budgets:
         hf_row = row_at_time(hf["history"], budget)
         entry = {"budget_s": budget, "hf_train_error": hf_row["train_error"], "hf_test_error": hf_row["test_error"],
                  "hf_time_s": hf_row["time_s"], "hf_updates": hf_row["iter"], "adam": {}}
-        for tag, (lr, batch) in grid.items():
-            res = load(out, "adam", tag, args.seed)
-            if res is None:
-                continue
-            want = rates[batch] * budget
+        for tag, res in adam.items():
+            want = rates[grid[tag][1]] * budget
             row = row_at_updates(res["history"], want)
             entry["adam"][tag] = {"train_error": row["train_error"], "test_error": row["test_error"],
                                   "updates": row["iter"], "equal_time_updates": round(want),
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(report(summary))
     try:
-        plot(out, hf, grid, rates, args.seed, summary)
+        plot(out, hf, adam, grid, rates, summary)
     except ImportError:
         pass
     return summary
@@ -236,7 +233,7 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, hf: dict, grid: dict, rates: dict, seed: int, summary: dict) -> None:
+def plot(out: Path, hf: dict, adam: dict, grid: dict, rates: dict, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,11 +242,10 @@ def plot(out: Path, hf: dict, grid: dict, rates: dict, seed: int, summary: dict)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([r["time_s"] for r in hf["history"]], [r["train_error"] for r in hf["history"]], "k-", lw=2,
             label=f"HF {summary['hf']['batch']} / {summary['hf']['curvature_batch']}")
-    for tag, (lr, batch) in grid.items():
-        res = load(out, "adam", tag, seed)
-        if res is not None:
-            ax.plot([r["iter"] / rates[batch] for r in res["history"]], [r["train_error"] for r in res["history"]],
-                    lw=1, label=f"Adam lr {lr:g}, batch {batch}")
+    for tag, res in adam.items():
+        lr, batch = grid[tag]
+        ax.plot([r["iter"] / rates[batch] for r in res["history"]], [r["train_error"] for r in res["history"]],
+                lw=1, label=f"Adam lr {lr:g}, batch {batch}")
     ax.set_xlabel("seconds of training (Adam: updates / its rate alone)")
     ax.set_ylabel("training error")
     ax.set_yscale("log")
