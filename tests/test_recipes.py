@@ -672,7 +672,8 @@ def test_gpu_curves_benchmark_sets_hf_against_adam_at_its_equal_time_update_coun
     for tag, cfg in summary["adam"].items():
         assert cfg["updates"] == cfg["target_updates"] == math.ceil(rate * 1.0)
     last = summary["budget_rows"][-1]
-    assert last["hf_time_s"] <= 1.0 and last["adam"][last["best_adam"]]["updates"] == math.ceil(rate)
+    # the evaluation nearest to rate × 1 s: the final one, at ceil(rate), is less than one update away
+    assert last["hf_time_s"] <= 1.0 and abs(last["adam"][last["best_adam"]]["updates"] - rate) < 1
     assert last["ratio_hf_over_best_adam"] == pytest.approx(
         last["hf_train_error"] / min(a["train_error"] for a in last["adam"].values()))
     assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "curves.png").exists()
